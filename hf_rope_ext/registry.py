@@ -1,0 +1,148 @@
+"""The method registry: every extension method, built-in or user-defined, registers itself here by name.
+
+A method is a pure function plus a parameter dataclass. Rotary ("rope") methods compute inverse frequencies;
+learned-table ("absolute") methods compute a new position-embedding table. The patching code looks methods up here and
+never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["rope", "absolute"]
+KINDS: tuple[str, ...] = ("rope", "absolute")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the library knows about one extension method."""
+
+    name: str
+    """Lowercase unique name used in ``patch_model(model, method=name)``."""
+    kind: Kind
+    """``"rope"`` for rotary models, ``"absolute"`` for learned position tables."""
+    params_cls: type
+    """Dataclass of the method's parameters (rope: subclass of ``RopeParams``; absolute: ``TableParams``)."""
+    compute: Callable[..., Any]
+    """rope: ``(params, dim, base, device=None, seq_len=None) -> (inv_freq [dim/2] float32, attention_factor)``;
+    absolute: ``(old_weight [n, h], new_len, params) -> new_weight [new_len, h]``."""
+    description: str
+    """One line for ``list_methods()`` and ``hf-rope-ext methods``."""
+    native: Callable[..., dict[str, Any]] | None = None
+    """rope only: ``(params, dim, base) -> rope_parameters dict`` that stock transformers understands, or None when
+    the method has no native rope type of its own (static methods are then saved as ``longrope``)."""
+    dynamic: bool = False
+    """rope only: frequencies depend on the current sequence length (recomputed in forward)."""
+    paper: str = ""
+    """Link to the paper or post that introduced the method."""
+
+    def make_params(self, **kwargs: Any) -> Any:
+        """Build the parameter dataclass, rejecting unknown names with the list of valid ones."""
+        valid = [f.name for f in dataclasses.fields(self.params_cls)]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method '{self.name}'; "
+                f"valid: {', '.join(valid)}"
+            )
+        params = self.params_cls(**kwargs)
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
+        return params
+
+
+METHODS: dict[str, MethodSpec] = {}
+ON_REGISTER: list[Callable[[MethodSpec], None]] = []
+"""Callbacks run for every newly registered method (the plugin rope types hook in here)."""
+
+
+def register_method(
+    name: str,
+    *,
+    kind: Kind,
+    params: type,
+    description: str,
+    native: Callable[..., dict[str, Any]] | None = None,
+    dynamic: bool = False,
+    paper: str = "",
+    overwrite: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``fn`` as extension method ``name``.
+
+    Example::
+
+        @register_method("my_ntk", kind="rope", params=RopeParams, description="NTK with base x 4")
+        def my_ntk(params, dim, base, device=None, seq_len=None):
+            return default_inv_freq(dim, base * 4, device), 1.0
+    """
+    if not isinstance(name, str) or not name or name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"method names are lowercase letters, digits and '_'; got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"params for method '{name}' must be a dataclass type, got {params!r}")
+    if kind == "absolute" and (native is not None or dynamic):
+        raise ValueError("'native' and 'dynamic' apply to rope methods only")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in METHODS and not overwrite:
+            raise ValueError(f"method '{name}' is already registered; pass overwrite=True to replace it")
+        METHODS[name] = MethodSpec(
+            name=name,
+            kind=kind,
+            params_cls=params,
+            compute=fn,
+            description=description,
+            native=native,
+            dynamic=dynamic,
+            paper=paper,
+        )
+        for callback in ON_REGISTER:
+            callback(METHODS[name])
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name; an unknown name raises ``ValueError`` listing the known ones."""
+    if not isinstance(name, str) or name.lower() not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name.lower()]
+
+
+def method_names(kind: Kind | None = None) -> list[str]:
+    return sorted(n for n, s in METHODS.items() if kind is None or s.kind == kind)
+
+
+def list_methods(kind: Kind | None = None) -> list[dict[str, Any]]:
+    """Every registered method: name, kind, one-line description, parameters with defaults, paper link."""
+    rows = []
+    for name in method_names(kind):
+        spec = METHODS[name]
+        params = {}
+        hints = typing.get_type_hints(spec.params_cls)
+        for f in dataclasses.fields(spec.params_cls):
+            if f.name in ("factor", "original_max_position_embeddings"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            params[f.name] = {"default": default, "type": str(hints.get(f.name, f.type))}
+        rows.append(
+            {
+                "name": name,
+                "kind": spec.kind,
+                "description": spec.description,
+                "dynamic": spec.dynamic,
+                "parameters": params,
+                "paper": spec.paper,
+            }
+        )
+    return rows
+
+
+__all__ = ["METHODS", "MethodSpec", "register_method", "get_method", "list_methods", "method_names", "field"]
