@@ -228,6 +228,13 @@ def _plan_rope(
             existing["original_config"].get("original_max_position_embeddings") if existing
             else config.original_max_position_embeddings
         )
+    if "head_dim" in config.to_dict() and config.head_dim is None and not existing:
+        # transformers' dynamic/yarn/longrope read getattr(config, "head_dim", default) and fail on an explicit None
+        updates["head_dim"] = config.hidden_size // config.num_attention_heads
+        original_config["head_dim"] = None
+    elif existing and "head_dim" in existing["original_config"]:
+        updates["head_dim"] = config.head_dim
+        original_config["head_dim"] = None
     plan = _RopePlan(modules, config, entries, updates)
     plan.meta = {
         "layer_types": [e.prefix for e in entries] if family.per_layer_type else None,
@@ -250,9 +257,9 @@ def _recompute_rotary(module: nn.Module, prefixes: list[str | None]) -> None:
         device = getattr(module, f"{p}inv_freq").device
         kwargs = {"layer_type": prefix} if prefix else {}
         if rope_type == "default":
-            inv_freq, attention = module.compute_default_rope_parameters(config, device, **kwargs)
+            inv_freq, attention = module.compute_default_rope_parameters(config, device=device, **kwargs)
         else:
-            inv_freq, attention = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
+            inv_freq, attention = ROPE_INIT_FUNCTIONS[rope_type](config, device=device, **kwargs)
         module.register_buffer(f"{p}inv_freq", inv_freq.to(device), persistent=False)
         module.register_buffer(f"{p}original_inv_freq", inv_freq.clone().to(device), persistent=False)
         _set_attention_scaling(module, prefix, attention)

@@ -69,7 +69,7 @@ def rope_parameters_for(
     plugin_type = plugin_rope_type(spec.name)
     if not accepted(plugin_type):
         raise ValueError(
-            f"method '{spec.name}' is dynamic and has no native rope type; {model_type!r} configs accept only "
+            f"method '{spec.name}' is dynamic and cannot be written for {model_type!r}: its configs accept only "
             f"{sorted(native_rope_types or ())}. Use a static method (e.g. yarn, ntk, longrope) for this model."
         )
     stored = {k: v for k, v in dataclasses.asdict(params).items()}

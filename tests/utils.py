@@ -64,3 +64,35 @@ def reload_outputs(
     ids_path.unlink()
     out_path.unlink()
     return result
+
+
+_RELOAD_MANY = textwrap.dedent(
+    """
+    import sys, torch
+    {imports}
+    from transformers import {auto_class}
+    assert ("hf_rope_ext" in sys.modules) == {expect_plugin}
+    ids = torch.load({ids_path!r})
+    results = {{}}
+    for path in {paths!r}:
+        model = {auto_class}.from_pretrained(path).eval()
+        with torch.no_grad():
+            results[path] = model(ids).logits
+    torch.save(results, {out_path!r})
+    """
+)
+
+
+def reload_logits_many(paths: list[str], input_ids: torch.Tensor, workdir: str | Path, *,
+                       auto_class: str = "AutoModelForCausalLM", import_plugin: bool = False) -> dict[str, torch.Tensor]:
+    """Like ``reload_outputs`` for several saved models in ONE fresh process (saves interpreter start-ups)."""
+    workdir = Path(workdir)
+    ids_path, out_path = workdir / "_ids.pt", workdir / "_out.pt"
+    torch.save(input_ids, ids_path)
+    code = _RELOAD_MANY.format(imports="import hf_rope_ext" if import_plugin else "", auto_class=auto_class,
+                               expect_plugin=import_plugin, ids_path=str(ids_path), out_path=str(out_path),
+                               paths=[str(p) for p in paths])
+    proc = run_python(code, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reload failed:\n{proc.stderr[-3000:]}")
+    return torch.load(out_path)
