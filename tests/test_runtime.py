@@ -1,0 +1,163 @@
+"""Patched models in real use: generate() with a KV cache, bf16, accelerate device maps, peft LoRA, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_rope_ext import families, freeze_rope_length, patch_info, patch_model, unpatch_model
+
+from .conftest import ORIGINAL_LEN, VOCAB, tiny_model
+from .utils import run_python
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("method", ["yarn", "dynamic_ntk", "dynamic_yarn", "longrope"])
+def test_cached_generation_past_the_original_length_matches_a_full_forward(method):
+    """With a KV cache, a generation crossing the original length uses ONE set of frequencies: each step's logits
+    equal those of an uncached forward over the final text at the final length's frequencies."""
+    model = tiny_model("llama")
+    kwargs = {}
+    if method == "longrope":
+        kwargs = {"short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    patch_model(model, method, 4, **kwargs)
+    prompt = torch.randint(3, VOCAB, (1, ORIGINAL_LEN - 10))
+    new = 40  # crosses the original length (64) during generation
+    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    seq = out.sequences
+    assert seq.shape[1] == prompt.shape[1] + new
+    step_logits = torch.stack(out.logits, dim=1)[0]  # [new, vocab]
+    with freeze_rope_length(model, seq.shape[1]):
+        full = logits(model, seq[:, :-1])[0, prompt.shape[1] - 1:]  # [new, vocab]
+    torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-4)
+    # the frequencies are restored after generation
+    rotary = families.rotary_modules(model)[0]
+    assert rotary.rope_type == model.config.rope_parameters["rope_type"]
+
+
+def test_static_method_generation_with_and_without_cache_agree():
+    model = tiny_model("qwen2")
+    patch_model(model, "yarn", 4)
+    prompt = torch.randint(3, VOCAB, (1, 100))  # already past the original length
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+def test_bf16_model_gets_float32_frequencies_at_position_100k():
+    """cos/sin of a bf16 model at position 100k equal the float64 reference to within bf16 rounding."""
+    model = tiny_model("llama")
+    patch_model(model, "yarn", 4)
+    model = model.to(torch.bfloat16)  # casts float buffers: the patch must keep its frequencies float32
+    rotary = families.rotary_modules(model)[0]
+    positions = torch.tensor([[100_000, 123_457]])
+    cos, sin = rotary(torch.zeros(1, dtype=torch.bfloat16), positions)
+    assert cos.dtype == torch.bfloat16
+    assert rotary.inv_freq.dtype == torch.float32
+    # reference: YaRN frequencies in float64 from the formula
+    dim, base, s, L = 16, 10000.0, 4.0, ORIGINAL_LEN
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    theta = base ** (-i / dim)
+    lo = max(math.floor(dim * math.log(L / (2 * math.pi * 32)) / (2 * math.log(base))), 0)
+    hi = min(math.ceil(dim * math.log(L / (2 * math.pi * 1)) / (2 * math.log(base))), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    inv = theta / s * ramp + theta * (1 - ramp)
+    angles = positions[0, :, None].double() * inv  # [2, d/2]
+    mscale = 0.1 * math.log(s) + 1
+    ref_cos = torch.cat([angles.cos(), angles.cos()], -1) * mscale
+    ref_sin = torch.cat([angles.sin(), angles.sin()], -1) * mscale
+    # bf16 has 8 mantissa bits: |err| <= 2^-8 * |x|; float32 angles at 1e5 add ~1e-2 rad * ... keep the bound honest:
+    assert (cos[0].double() - ref_cos).abs().max() < 0.01
+    assert (sin[0].double() - ref_sin).abs().max() < 0.01
+    # while frequencies rounded to bf16 would be wrong by whole radians at this position
+    bad = positions[0, :, None].double() * inv.to(torch.bfloat16).double()
+    assert (bad.cos() - angles.cos()).abs().max() > 0.1
+
+
+def test_patch_under_accelerate_hooks():
+    """accelerate's cpu_offload puts weights on the meta device and hooks every module: patching still works and
+    the rotary buffers stay where they were."""
+    from accelerate import cpu_offload
+
+    ids = torch.randint(3, VOCAB, (1, 150))
+    model = cpu_offload(tiny_model("llama"), execution_device="cpu")
+    assert any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    patch_model(model, "ntk", 4)
+    rotary = families.rotary_modules(model)[0]
+    assert rotary.inv_freq.device.type == "cpu" and rotary.inv_freq.dtype == torch.float32
+    reference = tiny_model("llama")
+    patch_model(reference, "ntk", 4)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids))
+    unpatch_model(model)
+    torch.testing.assert_close(logits(model, ids), logits(tiny_model("llama"), ids))
+
+
+def test_peft_lora_patch_then_wrap_and_repatch_before_loading_an_adapter(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.randint(3, VOCAB, (1, 150))
+    model = tiny_model("llama")
+    patch_model(model, "yarn", 4)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert patch_info(peft_model)["method"] == "yarn"
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    # a fresh base, re-patched the same way, then the adapter: same outputs
+    base = tiny_model("llama")
+    patch_model(base, "yarn", 4)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded, ids), expected)
+    # merging keeps the extension in the config
+    merged = reloaded.merge_and_unload()
+    assert merged.config.rope_parameters["rope_type"] == "yarn"
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-4)
+    # and a LoRA-wrapped model can be unpatched
+    unpatch_model(reloaded)
+    assert patch_info(reloaded) is None
+
+
+def test_cli_methods_and_patch(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    proc = run_python("import sys; from hf_rope_ext.cli import main; sys.exit(main(['methods', '--json']))")
+    assert proc.returncode == 0, proc.stderr
+    names = {row["name"] for row in json.loads(proc.stdout)}
+    assert {"linear", "ntk", "yarn", "dynamic_yarn", "llama3", "longrope"} <= names
+    code = (f"import sys; from hf_rope_ext.cli import main; sys.exit(main(['patch', {str(tmp_path / 'base')!r}, "
+            f"'--method', 'yarn', '--factor', '4', '--param', 'beta_fast=16', '--out', {str(tmp_path / 'out')!r}]))")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["beta_fast"] == 16
+    assert config["max_position_embeddings"] == 4 * ORIGINAL_LEN
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 4 * ORIGINAL_LEN
+    bad = run_python(code.replace("'yarn'", "'yarnn'"))
+    assert bad.returncode == 2 and "unknown method 'yarnn'; known:" in bad.stderr
+
+
+@pytest.mark.slow
+def test_real_smollm2_yarn_x2_finite_loss_at_9k_tokens():
+    """The real SmolLM2-135M (8k trained) from GGUF, yarn x2, one 9k-token input: finite loss (~2 min on CPU)."""
+    import pydoc_data.topics
+
+    from hf_rope_ext.loading import load_model
+
+    model, tok = load_model("smollm2")
+    assert model.config.max_position_embeddings == 8192
+    patch_model(model, "yarn", 2, tokenizer=tok)
+    assert tok.model_max_length == 16384
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    ids = tok(text, return_tensors="pt").input_ids[:, :9000]
+    assert ids.shape[1] == 9000
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss) and loss.item() < 5.0, loss
