@@ -622,6 +622,8 @@ class SavedModel:
     tokenizer_config: dict[str, Any]
     existing_card: str | None
     """README.md text if present and not written by this module (e.g. the base model's card)."""
+    previous_card: str | None = None
+    """README.md text if an earlier `hf-rope-ext card` wrote it (its license / language / base_model persist)."""
 
     @classmethod
     def read(cls, folder: str | Path) -> SavedModel:
@@ -646,7 +648,7 @@ class SavedModel:
         card_path = folder / CARD_FILE
         existing = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
         if existing is not None and MARKER_PREFIX in existing:
-            existing = None
+            return cls(folder, config, meta, tokenizer_config, None, existing)
         return cls(folder, config, meta, tokenizer_config, existing)
 
     @property
@@ -1368,9 +1370,10 @@ def render_card(
     template_text, template_name = _load_template(template, default_template)
     base_text = _base_card_text(base_card, base_model, saved)
     base_meta = _front_matter(base_text)
-    base_id = _resolve_base_model(base_model, saved)
-    license = license or base_meta.get("license")
-    language = language or base_meta.get("language")
+    previous = _front_matter(saved.previous_card)  # a re-render keeps what an earlier one was told
+    base_id = _resolve_base_model(base_model, saved) or previous.get("base_model")
+    license = license or base_meta.get("license") or previous.get("license")
+    language = language or base_meta.get("language") or previous.get("language")
     card_plots = _copy_plots(parsed.plots, saved.folder) if copy_plots else parsed.plots
 
     model_id = repo_id or saved.folder.resolve().name

@@ -341,6 +341,10 @@ def test_cli_card(yarn_dir, results, saved, tmp_path, capsys):
     assert f"wrote {yarn_dir / 'README.md'}" in capsys.readouterr().out
     text = (yarn_dir / "README.md").read_text()
     assert "license: mit" in text and 'from_pretrained("tester/tiny-yarn"' in text
+    assert main(["card", str(yarn_dir), "--base-model", "HuggingFaceTB/SmolLM2-135M"]) == 0  # a re-render keeps
+    text = (yarn_dir / "README.md").read_text()  # the license it was given before
+    assert "license: mit" in text and "base_model: HuggingFaceTB/SmolLM2-135M" in text
+    capsys.readouterr()
 
     unpatched = tmp_path / "plain"
     unpatched.mkdir()
