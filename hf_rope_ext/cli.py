@@ -138,4 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m`, feature modules register on the importable `hf_rope_ext.cli`, not on this `__main__` copy
+    from hf_rope_ext.cli import main as _main
+
+    sys.exit(_main())
