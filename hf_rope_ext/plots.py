@@ -319,8 +319,25 @@ _TABLE_NAMES = ("wpe", "position_embeddings", "embed_positions")
 
 
 def position_table(model: nn.Module) -> torch.Tensor:
-    """The learned absolute position table of ``model`` as ``[positions, hidden]`` (rows for real positions only:
-    an ``offset`` / padding-index shift such as RoBERTa's or OPT's +2 is dropped)."""
+    """The absolute position table of ``model`` as ``[positions, hidden]``, rows for real positions only (a leading
+    offset such as RoBERTa's or OPT's 2 rows is dropped).
+
+    Uses the model's entry in ``families`` when it has one (table module names, weight attribute, row offset), else
+    looks for an ``nn.Embedding`` named wpe / position_embeddings / embed_positions."""
+    try:
+        family = families.find_family(model)
+    except ValueError:
+        family = None
+    tables = getattr(family, "tables", None)
+    if tables:
+        for name, module in model.named_modules():
+            if any(name == t or name.endswith("." + t) for t in tables):
+                weight = getattr(module, getattr(family, "weight", "weight"))
+                offset = int(getattr(family, "row_offset", 0))
+                padding_idx = getattr(module, "padding_idx", None)
+                if getattr(family, "row_offset_from_padding_idx", False) and padding_idx is not None:
+                    offset += int(padding_idx) + 1
+                return weight.detach().float().cpu()[offset:]  # [n, h]
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _TABLE_NAMES:
             weight = module.weight.detach().float().cpu()  # [n, h]

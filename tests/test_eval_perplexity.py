@@ -179,3 +179,12 @@ def test_extrapolation_at_8x_is_worse_than_at_1x_on_a_briefly_trained_model():
     assert at_8x.perplexity > 1.5 * at_1x.perplexity
     inside, past = at_8x.buckets[0].perplexity, [b.perplexity for b in at_8x.buckets[1:]]
     assert inside < min(past)
+
+
+def test_layer_progress_bar_leaves_the_numbers_and_the_model_alone():
+    model = tiny_llama()
+    ids = torch.randint(3, 384, (2, 40), generator=torch.Generator().manual_seed(4))
+    quiet = token_nll(model, ids, 1)
+    shown = token_nll(model, ids, 1, layer_progress=True)
+    torch.testing.assert_close(quiet, shown, equal_nan=True)
+    assert all(not layer._forward_hooks for layer in model.model.layers)

@@ -277,11 +277,16 @@ def _write_compare_outputs(report: Any, out_dir: Path, wavelengths: dict[str, An
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = report.table()
-    print(table)
-    for note in report.notes:
-        print(f"- {note}")
+    if any(run.perplexity for run in report.runs):
+        table += (f"\n\nPerplexity by position in the {max(report.lengths)}-token window:\n\n"
+                  + report.bucket_table())
+    for run in report.runs:
+        if run.passkey is not None:
+            table += f"\n\nPasskey accuracy, {run.method} (rows: depth, columns: length):\n\n" + run.passkey.table()
+    text = table + "\n\n" + "\n".join(f"- {n}" for n in report.notes) + "\n"
+    print(text)
     files = [report.save(out_dir / "compare.json")]
-    (out_dir / "compare.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in report.notes) + "\n")
+    (out_dir / "compare.md").write_text(text)
     files.append(out_dir / "compare.md")
     if any(run.perplexity for run in report.runs):
         files.append(plot_perplexity_vs_length(report, out_dir / "ppl_vs_length.png"))
@@ -420,10 +425,10 @@ def demo_plan(device: str, args: argparse.Namespace | None = None) -> dict[str, 
     plan: dict[str, Any] = (
         {"methods": ["extrapolate", "ntk", "yarn"], "factor": 4.0,
          "lengths": [2048, 4096, 8192, 16384, 32768], "passkey_lengths": [4096, 8192, 16384, 32768],
-         "passkey_trials": 2, "bucket_size": 2048}
+         "passkey_trials": 2, "buckets_per_original": 4}
         if on_gpu else
         {"methods": ["extrapolate", "yarn"], "factor": 2.0, "lengths": [2048, 4096, 8192, 12288],
-         "passkey_lengths": None, "passkey_trials": 1, "bucket_size": 1024}
+         "passkey_lengths": None, "passkey_trials": 1, "buckets_per_original": 8}
     )
     if args is not None:
         if args.methods:
@@ -459,7 +464,7 @@ def _demo(args: argparse.Namespace) -> int:
     text = load_text(None)
     original = model.config.max_position_embeddings
     longest = max(plan["lengths"])
-    print(f"loaded in {load_seconds:.0f} s: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+    print(f"loaded in {load_seconds:.0f} s: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, trained context {original} tokens")
     print(f"measuring: methods {', '.join(plan['methods'])} (each patched for x{plan['factor']:g} = "
           f"{int(original * plan['factor'])} tokens) at lengths {', '.join(map(str, plan['lengths']))}"
@@ -467,7 +472,7 @@ def _demo(args: argparse.Namespace) -> int:
           flush=True)
     report = compare_methods(
         model, tokenizer, plan["methods"], plan["lengths"], factor=plan["factor"], text=text, offset=offset,
-        bucket_size=plan["bucket_size"], passkey_lengths=plan["passkey_lengths"],
+        bucket_size=max(1, original // plan["buckets_per_original"]), passkey_lengths=plan["passkey_lengths"],
         passkey_trials=plan["passkey_trials"], model_name=args.model, progress=not args.no_progress,
     )
     shared = [r.method for r in report.runs if r.perplexity and r.perplexity.results
@@ -476,8 +481,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"model: {args.model} ({type(model).__name__}, fp32, {device}), trained at {original} tokens, zero-shot "
         "(no fine-tuning)",
         f"text: {text.description}, tokens {offset}–{offset + longest} (no BOS); the same tokens for every method",
-        f"PPL @ N: perplexity of the first N tokens of that stretch, one window, every token scored once "
-        f"(stride = window)",
+        "PPL @ N: perplexity of the first N tokens of that stretch read as one N-token window (every token after "
+        "the first scored once)",
     ]
     if shared:
         report.notes.append(
@@ -490,8 +495,9 @@ def _demo(args: argparse.Namespace) -> int:
                             "add --passkey-lengths 12k, or run with a GPU")
     wavelength_methods = [m for m in plan["methods"] if m != "none"]
     geometry = rope_geometry(model)
-    report.notes.append(f"measured in {time.perf_counter() - t0:.0f} s wall time (model load {load_seconds:.0f} s)")
+    report.notes.append(f"measurements took {report.seconds:.0f} s after a {load_seconds:.0f} s model load")
     print()
     _write_compare_outputs(report, Path(args.out_dir), wavelengths={"methods": wavelength_methods,
                                                                     "factor": plan["factor"], **geometry})
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s wall time")
     return 0

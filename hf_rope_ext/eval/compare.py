@@ -144,6 +144,22 @@ class CompareReport:
         return None
 
 
+    def bucket_table(self, length: int | None = None) -> str:
+        """Markdown: perplexity by position bucket at one window length (default the longest), a row per method."""
+        length = length or max(self.lengths)
+        rows = [(run.method, next(r for r in run.perplexity.results if r.window == length))
+                for run in self.runs if run.perplexity is not None]
+        if not rows:
+            return ""
+        buckets = [b for b in rows[0][1].buckets if b.tokens]
+        head = ["method"] + [f"{b.start}–{b.end}" for b in buckets]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(buckets)]
+        for method, result in rows:
+            by_start = {b.start: b for b in result.buckets}
+            lines.append("| " + " | ".join([method] + [_fmt(by_start[b.start].perplexity) for b in buckets]) + " |")
+        return "\n".join(lines)
+
+
 def _fmt(x: float) -> str:
     if x is None or math.isnan(x):
         return "–"

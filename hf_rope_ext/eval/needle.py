@@ -56,7 +56,10 @@ def build_needle_prompt(
         if n > haystack_ids.numel():
             raise ValueError(f"the haystack text has {haystack_ids.numel()} tokens; length {length} needs about {n}")
         text = tokenizer.decode(haystack_ids[:n].tolist(), skip_special_tokens=True)
-        return sentence_pieces(text) or [text]
+        parts = sentence_pieces(text) or [text]
+        if len(parts) > 1 and not _BOUNDARY.search(parts[-1]):
+            parts.pop()  # the cut fell mid-sentence: end the haystack on a sentence boundary
+        return parts
 
     return build_prompt(tokenizer, length, depth, instructions=INSTRUCTIONS, pieces=pieces,
                         needle=NEEDLE.format(city=city, number=number), question=QUESTION.format(city=city),

@@ -40,6 +40,9 @@ from .text import Text, load_text, take_tokens, tokenize
 
 logger = logging.getLogger(__name__)
 
+LAYER_PROGRESS_FROM = 4096
+"""Windows at least this long get a per-layer progress bar (one forward can take minutes on a CPU)."""
+
 
 @dataclass
 class Bucket:
@@ -186,11 +189,13 @@ def token_nll(
     first_scored: Sequence[int] | int = 1,
     *,
     loss_chunk: int = 1024,
+    layer_progress: bool = False,
 ) -> torch.Tensor:
     """Per-token negative log-likelihood of ``input_ids`` ``[B, T]`` under a causal LM, in one forward.
 
     Returns ``[B, T]`` float32 with ``nll[b, t] = -log p(x_t | x_<t)`` for ``t >= first_scored[b]`` and NaN before.
-    The head runs on ``loss_chunk`` positions at a time, so ``[B, T, vocab]`` logits never exist at once."""
+    The head runs on ``loss_chunk`` positions at a time, so ``[B, T, vocab]`` logits never exist at once.
+    ``layer_progress`` shows a bar advancing per decoder layer (for long windows on slow hardware)."""
     model = _unwrap(model)
     batch, length = input_ids.shape
     starts = [first_scored] * batch if isinstance(first_scored, int) else list(first_scored)
@@ -208,7 +213,8 @@ def token_nll(
         _score(logits[:, :-1], input_ids, lo, out)
     else:
         base, prefix = split
-        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
+        with _layer_bar(base, f"forward over {length} tokens", layer_progress):
+            hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
         stand_in = _PrecomputedBase()
         with _swapped(model, prefix, stand_in):
             for a in range(lo, length - 1, loss_chunk):
@@ -218,6 +224,28 @@ def token_nll(
     for row, s in enumerate(starts):
         out[row, :s] = float("nan")
     return out
+
+
+@contextlib.contextmanager
+def _layer_bar(base: nn.Module, desc: str, enabled: bool) -> Iterator[None]:
+    """A tqdm bar that advances as each block of the longest ``nn.ModuleList`` (the decoder layers) finishes."""
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)] if enabled else []
+    if not lists:
+        yield
+        return
+    layers = max(lists, key=len)
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+
+    def advance(*_: Any) -> None:  # a forward hook must return None, or it replaces the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(advance) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
 
 
 def _score(logits: torch.Tensor, input_ids: torch.Tensor, a: int, out: torch.Tensor) -> None:
@@ -340,7 +368,8 @@ def sliding_window_perplexity(
         ):
             group.append(plan[i + len(group)])
         batch = torch.stack([ids[b:e] for b, e, _ in group])  # [B, size]
-        nll = token_nll(model, batch, [f - b for b, _, f in group], loss_chunk=loss_chunk)  # [B, size]
+        nll = token_nll(model, batch, [f - b for b, _, f in group], loss_chunk=loss_chunk,
+                        layer_progress=progress and size >= LAYER_PROGRESS_FROM)  # [B, size]
         pieces.extend((nll[row], size) for row in range(len(group)))
         i += len(group)
         bar.update(len(group))
@@ -438,7 +467,8 @@ def perplexity_at_lengths(
         t0 = time.perf_counter()
         bar = tqdm(total=1, desc=f"ppl @ {longest} (shared by {len(lengths)} lengths)", disable=not progress,
                    leave=False)
-        nll = token_nll(model, chunk[None], 1, loss_chunk=loss_chunk)[0]
+        nll = token_nll(model, chunk[None], 1, loss_chunk=loss_chunk,
+                        layer_progress=progress and longest >= LAYER_PROGRESS_FROM)[0]
         bar.update(1)
         bar.close()
         by_length = {r.window: r for r in prefix_results(nll, sorted(set(lengths)), bucket_size,

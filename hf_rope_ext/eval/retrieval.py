@@ -215,15 +215,16 @@ def build_prompt(
 
     # shrink the haystack until the joint tokenization fits (a few tokens of merging across boundaries)
     n = budget
-    for _ in range(64):
+    while True:
         text, marks, _, _ = render(n)
         ids, (hs, ns, ne, he) = _encode_with_char_index(tokenizer, text, marks)
         over = len(ids) - length
         if over <= 0:
             break
-        n -= max(over, 1)
-    else:
-        raise ValueError(f"could not fit a prompt into {length} tokens")
+        n -= over
+        if n < 1:
+            raise ValueError(f"length {length} is too short for this prompt: even the smallest haystack gives "
+                             f"{len(ids)} tokens")
     return RetrievalPrompt(input_ids=ids, answer=answer, depth=depth, needle_start=ns, needle_end=ne,
                            haystack_start=hs, haystack_end=he - (ne - ns))
 

@@ -176,7 +176,7 @@ def tokenize(tokenizer: Any, text: str | Text) -> torch.Tensor:
     return torch.tensor(encoded["input_ids"], dtype=torch.long)
 
 
-def take_tokens(ids: torch.Tensor, needed: int, offset: int, what: str) -> torch.Tensor:
+def take_tokens(ids: torch.Tensor, needed: int, offset: int = 0, what: str = "this evaluation") -> torch.Tensor:
     """``ids[offset : offset + needed]``, or a ``ValueError`` saying how many tokens there are and how to get more."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
