@@ -1,0 +1,92 @@
+"""Perplexity on held-out chunks at one length: the before/after number of a fine-tune.
+
+Each chunk is scored on its own (no sliding window), so every token sees at most ``seq_len - 1`` tokens of context
+and the number is comparable between the model before and after training on exactly the same chunks. For the
+sliding-window protocol of the papers use ``hf_rope_ext.eval`` where available.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import mask_for_mlm
+
+
+@dataclass
+class HeldOutResult:
+    """Perplexity of a model on held-out chunks."""
+
+    perplexity: float
+    """exp(mean negative log-likelihood per scored token)."""
+    nll: float
+    """Mean negative log-likelihood per scored token (nats)."""
+    tokens: int
+    """Number of scored tokens."""
+    chunks: int
+    """Number of chunks."""
+    length: int
+    """Tokens per chunk."""
+    objective: str
+    """"causal" (next-token) or "masked" (15% masked tokens, fixed seed)."""
+
+
+@torch.no_grad()
+def heldout_perplexity(
+    model: nn.Module,
+    chunks: torch.Tensor,
+    *,
+    objective: str = "causal",
+    batch_size: int = 1,
+    mask_token_id: int | None = None,
+    special_ids: list[int] | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    scored: int | None = None,
+    device: torch.device | str | None = None,
+    show_progress: bool = False,
+) -> HeldOutResult:
+    """Perplexity of ``model`` on ``chunks`` ``[n, seq_len]`` (token ids).
+
+    causal: every token after the first of each chunk is predicted from the ones before it.
+    masked: BERT-style masking with a fixed seed, so two models are scored on the same masked positions.
+    scored: only the first ``scored`` chunks count; the others are run and ignored (keeps the number of forward
+    passes equal across processes, which sharded engines need).
+    """
+    if chunks.ndim != 2 or chunks.shape[0] == 0:
+        raise ValueError(f"expected held-out chunks [n, seq_len] with n > 0, got shape {tuple(chunks.shape)}")
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    if objective == "masked" and vocab_size is None:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+    scored = chunks.shape[0] if scored is None else scored
+    generator = torch.Generator().manual_seed(seed)
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, chunks.shape[0], batch_size), desc="held-out ppl", disable=not show_progress):
+        ids = chunks[start : start + batch_size]
+        if objective == "masked":
+            if mask_token_id is None:
+                raise ValueError("masked perplexity needs mask_token_id")
+            ids, labels = mask_for_mlm(
+                ids, mask_token_id=mask_token_id, vocab_size=vocab_size, special_ids=special_ids or [], generator=generator
+            )
+            logits = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits.float()
+            target = labels.to(device)
+        else:
+            logits = model(input_ids=ids.to(device), use_cache=False).logits.float()[:, :-1]  # [b, n-1, vocab]
+            target = ids[:, 1:].to(device)
+        rows = torch.arange(start, start + ids.shape[0], device=device) < scored  # [b]: chunks that count
+        target = target.masked_fill(~rows[:, None], -100)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int((target != -100).sum())
+    model.train(was_training)
+    mean = total_nll / max(total_tokens, 1)
+    return HeldOutResult(math.exp(mean), mean, total_tokens, min(scored, int(chunks.shape[0])), int(chunks.shape[1]), objective)

@@ -1,0 +1,669 @@
+"""recipes/finetune.py on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail early.
+
+The "perplexity goes down" test needs a model that depends on positions: a 2-layer Llama is pretrained for ~140 steps
+at 64 tokens on periodic text (a random 16-letter unit repeated), which it can only predict by attending 16 tokens
+back. Extended 4x with yarn it loses that skill zero-shot (perplexity ~150+ at 256 tokens); 30 LoRA steps at 256
+tokens recover much of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_rope_ext import registry
+from hf_rope_ext.training import data, pose, s2attn
+from hf_rope_ext.training.heldout import heldout_perplexity
+
+from .utils import reload_outputs
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "finetune.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+PERIOD = 16
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fixtures: the recipe module, a character tokenizer, tiny models
+
+
+@pytest.fixture(scope="module")
+def ft():
+    spec = importlib.util.spec_from_file_location("finetune_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune_recipe"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two contended ones
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    torch.set_num_threads(threads)
+
+
+def periodic_docs(seed: int, n_docs: int, length: int) -> list[str]:
+    """Documents of ``length`` letters: a random unit of PERIOD letters repeated."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        unit = "".join(rng.choice(LETTERS) for _ in range(PERIOD))
+        docs.append((unit * (length // PERIOD + 1))[:length])
+    return docs
+
+
+def make_tokenizer(max_len: int = 64):
+    """Byte-level tokenizer without merges (one token per character) and BERT/GPT special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1, special_tokens=["<s>", "</s>", "<pad>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(["x"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=max_len)  # fmt: skip
+
+
+def llama_config(vocab: int, **kw):
+    from transformers import LlamaConfig
+
+    base = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False, "bos_token_id": 0,
+                "eos_token_id": 1, "pad_token_id": 2}  # fmt: skip
+    return LlamaConfig(**{**base, **kw})
+
+
+def save_tiny(folder: Path, model, tokenizer) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("texts")
+    paths = {"train": folder / "train.txt", "eval": folder / "eval.txt"}
+    paths["train"].write_text("\n".join(periodic_docs(1, 120, 512)))
+    paths["eval"].write_text("\n".join(periodic_docs(2, 12, 512)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pretrained_llama(tmp_path_factory) -> Path:
+    """Tiny Llama (64 positions) pretrained on periodic text until it copies from 16 tokens back."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    ids = torch.tensor([tokenizer(d)["input_ids"] for d in periodic_docs(0, 2000, 64)])  # [2000, 64]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(140):
+        batch = ids[torch.randint(len(ids), (16,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    return save_tiny(tmp_path_factory.mktemp("llama_pretrained"), model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory) -> Path:
+    """Untrained tiny Llama with tied embeddings (for runs that only need to work)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    model = LlamaForCausalLM(llama_config(len(tokenizer), tie_word_embeddings=True))
+    return save_tiny(tmp_path_factory.mktemp("llama_random"), model, tokenizer)
+
+
+def options(ft, model: Path, out: Path, texts: dict[str, Path], tmp_path: Path, **kw):
+    base = {"model": str(model), "output_dir": str(out), "factor": 4, "data": [str(texts["train"])], "eval_data": [str(texts["eval"])],
+                "eval_chunks": 2, "cache_dir": str(tmp_path / "cache"), "max_steps": 3, "batch_size": 2, "grad_accum": 1, "lr": 1e-2,
+                "warmup_steps": 1, "save_every": 0, "log_every": 1, "model_card": False}  # fmt: skip
+    return ft.options_from_dict({**base, **kw})
+
+
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the main path: yarn + LoRA at 4x
+
+
+def test_yarn_lora_finetune_recovers_and_reloads_natively(ft, pretrained_llama, texts, tmp_path):
+    out = tmp_path / "run"
+    o = options(ft, pretrained_llama, out, texts, tmp_path, method="yarn", max_steps=30, eval_chunks=4, warmup_steps=3,
+                model_card=True)  # fmt: skip
+    result = ft.run(o)
+    assert not result.stopped and result.step == 30
+    summary = result.summary
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # training loss goes down
+
+    # held-out perplexity at the target length (256) on text never trained on: far lower than zero-shot yarn
+    before, after = summary["eval"]["before"], summary["eval"]["after"]
+    assert before["length"] == after["length"] == 256 and before["chunks"] == 4
+    assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)
+
+    # independent check of the same numbers: the saved model and the patched-but-untrained model on eval.txt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_rope_ext
+
+    folder = out / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.model_max_length == 256
+    ids = torch.tensor(tokenizer(texts["eval"].read_text())["input_ids"])
+    chunks = data.pack(ids, 256)[:4]
+    untrained = AutoModelForCausalLM.from_pretrained(pretrained_llama).eval()
+    hf_rope_ext.patch_model(untrained, "yarn", factor=4)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert heldout_perplexity(reloaded, chunks).perplexity < 0.5 * heldout_perplexity(untrained, chunks).perplexity
+
+    # the saved config is native yarn with the extension metadata; a fresh process without the plugin gets the same logits
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 256
+    assert config["hf_rope_ext"]["method"] == "yarn" and config["hf_rope_ext"]["finetune"]["steps"] == 30
+    probe = chunks[:1]
+    with torch.no_grad():
+        in_memory = result.model(probe).logits
+    fresh = reload_outputs(folder, probe)
+    torch.testing.assert_close(fresh, in_memory, rtol=1e-5, atol=1e-5)
+
+    # summary + plot + card
+    saved_summary = json.loads((folder / "training_summary.json").read_text())
+    for key in ("steps", "tokens", "loss_curve", "wall_time_s", "tokens_per_s", "peak_memory_bytes"):
+        assert saved_summary[key] is not None, key
+    assert saved_summary["tokens"] == 30 * 2 * 256
+    assert (folder / "loss.png").stat().st_size > 1000
+    if importlib.util.find_spec("hf_rope_ext.cards") is not None:
+        assert "yarn" in (folder / "README.md").read_text()
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary folders left behind
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PoSE
+
+
+def test_pose_position_ids_cover_target_with_short_windows():
+    window, target = 64, 256
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([pose.pose_position_ids(window, target, generator=g) for _ in range(400)])  # [400, 64]
+    assert samples.shape == (400, window)
+    diffs = samples[:, 1:] - samples[:, :-1]
+    assert (diffs >= 1).all()  # strictly increasing
+    assert ((diffs > 1).sum(dim=1) <= 1).all()  # two chunks: at most one jump
+    assert (samples[:, 0] == 0).all() and (samples <= target - 1).all()
+    assert samples.max() == target - 1 or samples.max() >= target - 4  # the far end is reached
+    # positions beyond the original window are trained often, and all over the target range
+    beyond = samples[samples >= window]
+    assert (samples.max(dim=1).values >= window).float().mean() > 0.7
+    hist = torch.histc(beyond.float(), bins=6, min=window, max=target)
+    assert (hist > 0).all(), hist
+    # three chunks: at most two jumps; same generator seed -> same samples
+    three = pose.pose_position_ids(window, target, num_chunks=3, generator=torch.Generator().manual_seed(1))
+    assert ((three[1:] - three[:-1]) > 1).sum() <= 2
+    again = pose.pose_position_ids(window, target, num_chunks=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(three, again)
+    with pytest.raises(ValueError, match="window < target"):
+        pose.pose_position_ids(256, 256)
+
+
+def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, texts, tmp_path, monkeypatch):
+    seen = []
+    original = ft.make_batch
+
+    def spy(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        seen.append(batch)
+        return batch
+
+    monkeypatch.setattr(ft, "make_batch", spy)
+    o = options(ft, random_llama, tmp_path / "run", texts, tmp_path, method="linear", pose=True, max_steps=6)
+    result = ft.run(o)
+    assert result.summary["seq_len"] == 64 and result.summary["target_length"] == 256
+    assert len(seen) == 6
+    for batch in seen:
+        assert batch["input_ids"].shape == (2, 64)  # windows stay at the original length
+        assert batch["position_ids"].shape == (2, 64) and batch["attention_mask"].all()
+        assert batch["position_ids"].max() < 256
+    assert max(int(b["position_ids"].max()) for b in seen) >= 128  # ... while positions reach far beyond 64
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.summary["loss_curve"])
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints, resume, interruption, crash safety
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama, texts, tmp_path):
+    common = {"method": "yarn", "max_steps": 6, "grad_accum": 2, "lora_dropout": 0.1, "pose": True, "seed": 3, "eval_chunks": 0}
+    full = ft.run(options(ft, random_llama, tmp_path / "a", texts, tmp_path, **common))
+    assert not full.stopped
+
+    stopped = ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, stop_after=4, **common))
+    assert stopped.stopped and stopped.step == 4 and stopped.checkpoint.name == "step-00000004"
+    assert not (tmp_path / "b" / "model").exists()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, **common))
+    with pytest.raises(ValueError, match="options changed.*seed"):
+        ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, resume=True, **{**common, "seed": 4}))
+    resumed = ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, resume=True, **common))
+    assert not resumed.stopped and resumed.step == 6
+
+    a, b = saved_weights(tmp_path / "a" / "model"), saved_weights(tmp_path / "b" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(b[name], a[name]), name  # bit-identical
+    curve_a = json.loads((tmp_path / "a" / "model" / "training_summary.json").read_text())["loss_curve"]
+    curve_b = json.loads((tmp_path / "b" / "model" / "training_summary.json").read_text())["loss_curve"]
+    assert [s for s, _ in curve_b] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor(curve_b), torch.tensor(curve_a), rtol=0, atol=1e-5)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(random_llama, texts, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(RECIPE), "--model", str(random_llama), "--output_dir", str(out), "--factor", "4",
+           "--data", str(texts["train"]), "--eval_chunks", "0", "--cache_dir", str(tmp_path / "cache"),
+           "--max_steps", "100000", "--batch_size", "1", "--grad_accum", "1", "--save_every", "0", "--log_every", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 3/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(lines[-20:])
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGINT received" in text and "--resume true" in text and "Traceback" not in text
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step-")
+    assert (checkpoints[0] / "trainer_state.json").is_file()
+    assert not (out / "model").exists()
+
+
+def test_a_crash_while_saving_leaves_no_half_written_model(ft, random_llama, texts, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def broken_plot(*args, **kwargs):  # runs after the weights are written into the temporary folder
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ft, "plot_loss", broken_plot)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0))
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.yaml"]
+
+    monkeypatch.undo()
+    ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0))  # an old model is replaced in one move
+    first = saved_weights(out / "model")
+    ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, seed=5))
+    assert sorted(p.name for p in out.iterdir()) == ["model", "run_config.yaml"]
+    assert any(not torch.equal(first[k], v) for k, v in saved_weights(out / "model").items())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad configurations fail before training, with a message naming the fix
+
+
+def test_unknown_and_mistyped_options_are_refused(ft, tmp_path):
+    with pytest.raises(ValueError, match="unknown option.*'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
+        ft.options_from_dict({"lora_rank": 4})
+    with pytest.raises(ValueError, match="train_mode: 'qlora' is not one of 'lora', 'longlora', 'full'"):
+        ft.options_from_dict({"train_mode": "qlora"})
+    with pytest.raises(ValueError, match="option max_steps: expected int"):
+        ft.parse_options(["--max_steps", "many"])
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\noutput_dir: o\nfactor: 4\nlr: 2e-4\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        ft.parse_options(["--config", str(config)])
+    config.write_text("model: m\noutput_dir: o\nfactor: 4\nlr: 2e-4\n")
+    o = ft.parse_options(["--config", str(config), "--lr=1e-3", "--data", "[a.txt, b.txt]", "--resume", "true"])
+    assert o.lr == 1e-3 and o.data == ["a.txt", "b.txt"] and o.resume is True and o.factor == 4.0
+
+
+BAD_CONFIGS = [
+    ({"factor": 1.0}, ValueError, "factor must be > 1"),
+    ({"factor": None, "target_length": 64}, ValueError, "larger than the original length 64"),
+    ({"data": ["/nonexistent/train.txt"]}, FileNotFoundError, "data file not found: /nonexistent/train.txt"),
+    ({"data": ["builtin:wiki"]}, ValueError, "unknown built-in corpus.*builtin:pydoc"),
+    ({"method": "ntkk"}, ValueError, "unknown method 'ntkk'; known: .*yarn"),
+    ({"method_params": {"beta_fats": 2}}, ValueError, "unknown method_params \\['beta_fats'\\].*beta_fast"),
+    ({"lora_targets": ["q_projj"]}, ValueError, "lora_targets \\['q_projj'\\] match no linear layer.*q_proj"),
+    ({"modules_to_save": ["lm_headd"]}, ValueError, "modules_to_save \\['lm_headd'\\] match no module"),
+    ({"pose": True, "seq_len": 256}, ValueError, "pose trains short windows"),
+    ({"s2attn": True, "seq_len": 250}, ValueError, "s2attn needs the training length to be a multiple"),
+    ({"resume": True, "overwrite": True}, ValueError, "resume and overwrite exclude each other"),
+    ({"objective": "masked"}, ValueError, "could not load .* as a masked model"),
+]
+
+
+@pytest.mark.parametrize("changes, error, message", BAD_CONFIGS, ids=[m.split()[0] + str(i) for i, (_, _, m) in enumerate(BAD_CONFIGS)])
+def test_bad_configs_fail_before_training(ft, random_llama, texts, tmp_path, monkeypatch, changes, error, message):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(ft.torch.optim, "AdamW", no_training)
+    with pytest.raises(error, match=message):
+        ft.run(options(ft, random_llama, tmp_path / "run", texts, tmp_path, **changes))
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_s2attn_on_an_unsupported_family_fails_early(ft, texts, tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    folder = save_tiny(tmp_path / "neox", GPTNeoXForCausalLM(config), tokenizer)
+    with pytest.raises(ValueError, match="s2attn\\) supports model types llama, .*got 'gpt_neox'"):
+        ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, s2attn=True))
+
+
+def test_cli_reports_bad_configs_without_a_traceback(ft, tmp_path, caplog):
+    assert ft.cli(["--model", "m", "--output_dir", str(tmp_path), "--factor", "4", "--batch_sz", "2"]) == 2
+    assert "unknown option" in caplog.text and "batch_size" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LongLoRA: shifted sparse attention + trainable embeddings and norms
+
+
+def _reference_s2attn(q, k, v, group):
+    """Dense attention with an explicit [n, n] mask per head half: plain groups, and groups shifted by group/2."""
+    _b, h, n, d = q.shape
+    i = torch.arange(n)
+    causal = i[:, None] >= i[None, :]
+    same_plain = (i[:, None] // group) == (i[None, :] // group)
+    shift = group // 2
+    same_shift = ((i[:, None] + shift) // group) == ((i[None, :] + shift) // group)
+    out = torch.empty_like(q)
+    for head in range(h):
+        mask = causal & (same_plain if head < h // 2 else same_shift)
+        scores = (q[:, head] @ k[:, head].transpose(-1, -2)) / d**0.5
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[:, head] = scores.softmax(-1) @ v[:, head]
+    return out.transpose(1, 2)
+
+
+def test_shifted_sparse_attention_matches_a_dense_masked_reference():
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    q = torch.randn(2, 4, 32, 8)
+    k, v = torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8)
+    module.train()
+    out, _ = s2attn.shifted_sparse_attention(module, q, k, v, None)
+    expected = _reference_s2attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), group=8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    module.eval()  # inference: full causal attention
+    full, _ = s2attn.shifted_sparse_attention(module, q, k, v, None)
+    dense = _reference_s2attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), group=10**6)
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+    module.train()
+    with pytest.raises(ValueError, match="padding attention mask"):
+        s2attn.shifted_sparse_attention(module, q, k, v, torch.ones(2, 1, 32, 32, dtype=torch.bool))
+
+
+def test_longlora_with_s2attn_trains_embeddings_norms_and_saves_full_attention(ft, random_llama, texts, tmp_path):
+    out = tmp_path / "run"
+    o = options(ft, random_llama, out, texts, tmp_path, train_mode="longlora", s2attn=True, max_steps=3)
+    import peft
+
+    trainable: list[str] = []
+    original = peft.get_peft_model
+
+    def spy(model, config, *args, **kwargs):
+        wrapped = original(model, config, *args, **kwargs)
+        trainable.extend(n for n, p in wrapped.named_parameters() if p.requires_grad)
+        assert model.config._attn_implementation == "s2attn"
+        return wrapped
+
+    peft.get_peft_model = spy
+    try:
+        result = ft.run(o)
+    finally:
+        peft.get_peft_model = original
+    assert any("embed_tokens" in n for n in trainable) and any("input_layernorm" in n for n in trainable)
+    assert any(n.endswith("model.norm.modules_to_save.default.weight") for n in trainable)
+    assert any("lora_A" in n and "q_proj" in n for n in trainable)
+    assert result.model.config._attn_implementation != "s2attn"
+    probe = torch.randint(3, 200, (1, 256))
+    with torch.no_grad():
+        in_memory = result.model(probe).logits
+    torch.testing.assert_close(reload_outputs(out / "model", probe), in_memory, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# learned position tables (GPT-2 / BERT): needs the absolute-table methods
+
+
+needs_tables = pytest.mark.skipif(
+    "copy" not in registry.METHODS or "hierarchical" not in registry.METHODS,
+    reason="learned-table methods (copy / hierarchical) are not registered in this checkout",
+)
+
+
+@needs_tables
+def test_gpt2_copy_full_finetune_reloads_natively(ft, texts, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=1))  # fmt: skip
+    folder = save_tiny(tmp_path / "gpt2", model, tokenizer)
+    result = ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, method="copy", factor=2, train_mode="full", lr=1e-3))
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["n_positions"] == 128 and result.summary["seq_len"] == 128
+    probe = torch.randint(3, 200, (1, 128))
+    with torch.no_grad():
+        in_memory = result.model(probe).logits
+    torch.testing.assert_close(reload_outputs(tmp_path / "run" / "model", probe), in_memory, rtol=1e-5, atol=1e-5)
+
+
+@needs_tables
+def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))  # fmt: skip
+    folder = save_tiny(tmp_path / "bert", model, tokenizer)
+    result = ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, method="hierarchical", factor=4))
+    assert result.summary["eval"]["after"]["objective"] == "masked"
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256
+    table = result.model.bert.embeddings.position_embeddings.weight
+    assert table.shape[0] == 256
+    probe = torch.randint(3, 200, (1, 256))
+    with torch.no_grad():
+        in_memory = result.model(probe).logits
+    fresh = reload_outputs(tmp_path / "run" / "model", probe, auto_class="AutoModelForMaskedLM")
+    torch.testing.assert_close(fresh, in_memory, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_data_sources_cache_and_packing(tmp_path, monkeypatch):
+    tokenizer = make_tokenizer()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("abc")
+    (folder / "b.jsonl").write_text('{"text": "de"}\n{"text": "f"}\n')
+    (folder / "c.json").write_text('[{"text": "gh"}]')
+    (folder / "ignored.csv").write_text("x")
+    stream = data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache")
+    eos = tokenizer.eos_token_id
+    expected = []
+    for doc in ("abc", "de", "f", "gh"):
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+    assert stream.tolist() == expected
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again instead of reading the cache")
+
+    monkeypatch.setattr(data, "tokenize_documents", no_tokenising)
+    assert data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache").tolist() == expected
+    time.sleep(0.01)
+    (folder / "a.txt").write_text("abcd")  # a changed file invalidates the cache
+    with pytest.raises(AssertionError, match="tokenised again"):
+        data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache")
+    monkeypatch.undo()
+
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": ["xy", "z"]}), tmp_path / "p.parquet")
+        got = data.load_token_stream([str(tmp_path / "p.parquet")], tokenizer, cache_dir=tmp_path / "cache", text_field="body")
+        assert got.tolist() == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos] + tokenizer("z", add_special_tokens=False)["input_ids"] + [eos]
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets
+
+        datasets.Dataset.from_dict({"text": ["uv", "w"]}).save_to_disk(str(tmp_path / "saved"))
+        got = data.load_token_stream([str(tmp_path / "saved")], tokenizer, cache_dir=tmp_path / "cache")
+        assert got.numel() == 5
+
+    builtin = data.load_token_stream(["builtin:pydoc"], tokenizer, cache_dir=tmp_path / "cache", max_tokens=5000)
+    assert builtin.numel() == 5000
+    with pytest.raises(ValueError, match="no field 'content'"):
+        data.load_token_stream([str(folder / "b.jsonl")], tokenizer, cache_dir=tmp_path / "cache", text_field="content")
+
+    chunks = data.pack(torch.arange(10), 4)
+    assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    wrapped = data.pack(torch.arange(10), 4, wrap=(100, 101))
+    assert wrapped[:2].tolist() == [[100, 0, 1, 101], [100, 2, 3, 101]]
+
+
+def test_micro_batches_are_disjoint_across_processes_and_cover_each_epoch():
+    n, world, bs, accum = 24, 2, 3, 2
+    seen = []
+    for step in range(2):  # 2 steps x 2 micro x 2 ranks x 3 = 24 = one epoch
+        for micro in range(accum):
+            for rank in range(world):
+                seen += data.micro_batch_indices(n, step=step, micro=micro, grad_accum=accum, batch_size=bs, world=world,
+                                                 rank=rank, seed=0)  # fmt: skip
+    assert sorted(seen) == list(range(n))
+    again = data.micro_batch_indices(n, step=1, micro=1, grad_accum=accum, batch_size=bs, world=world, rank=1, seed=0)
+    assert again == seen[-3:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shipped configs
+
+
+def _command_line(path: Path) -> str:
+    return path.read_text().splitlines()[0]
+
+
+def test_every_shipped_recipe_config_parses_and_starts_with_its_command(ft):
+    configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    methods_seen, modes_seen = set(), set()
+    for path in configs:
+        first = _command_line(path)
+        rel = path.relative_to(ROOT).as_posix()
+        assert first.startswith("# ") and f"recipes/finetune.py --config {rel}" in first, f"{rel}: {first}"
+        o = ft.parse_options(["--config", str(path)])
+        methods_seen.add(o.method)
+        if o.method not in registry.METHODS:  # learned-table methods are a separate feature; check the rest
+            assert o.method in ("copy", "hierarchical"), f"{rel}: unknown method {o.method}"
+            o = dataclasses.replace(o, method="linear", method_params={})
+        ft.check_options(o, check_data=False)
+        modes_seen.add((o.train_mode, o.pose, o.s2attn))
+        assert o.output_dir and o.model
+    assert {"yarn", "linear"} <= methods_seen and {"copy", "hierarchical"} & methods_seen
+    assert {m for m, _, _ in modes_seen} == {"lora", "longlora", "full"}
+    assert any(pose_on for _, pose_on, _ in modes_seen) and any(s2 for _, _, s2 in modes_seen)
+
+
+def test_accelerate_configs_parse_against_accelerate(ft):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    dests = {a.dest for a in launch_command_parser()._actions}
+    configs = {p.stem: p for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    assert {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"} <= set(configs)
+    for name, path in configs.items():
+        first = _command_line(path)
+        assert first.startswith("# accelerate launch --config_file recipes/accelerate/") and "recipes/finetune.py" in first
+        config = ClusterConfig.from_yaml_file(str(path))  # unknown top-level keys raise
+        for key in config.fsdp_config:
+            assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in dests, f"{name}: unknown fsdp key {key}"
+        for key in config.deepspeed_config:
+            assert key in dests or key == "deepspeed_config_file", f"{name}: unknown deepspeed key {key}"
+    assert ClusterConfig.from_yaml_file(str(configs["deepspeed_zero3"])).deepspeed_config["zero_stage"] == 3
+    assert ClusterConfig.from_yaml_file(str(configs["deepspeed_zero2"])).deepspeed_config["zero_stage"] == 2
+    assert ClusterConfig.from_yaml_file(str(configs["fsdp"])).distributed_type.value == "FSDP"
+    raw = yaml.safe_load(configs["ddp"].read_text())
+    assert raw["distributed_type"] == "MULTI_GPU"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# multi-process
+
+
+def test_accelerate_launch_two_cpu_processes(random_llama, texts, tmp_path):
+    """Two CPU processes talking over gloo. (``accelerate launch --cpu --num_processes 2`` starts ONE process in
+    accelerate 1.x unless mpirun is configured; torchrun via --multi_gpu plus ACCELERATE_USE_CPU=1 gives gloo.)"""
+    import socket
+
+    with socket.socket() as s:  # a free port: other test sessions may be running distributed jobs too
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--model", str(random_llama), "--output_dir", str(out),
+           "--factor", "4", "--data", str(texts["train"]), "--eval_data", str(texts["eval"]), "--eval_chunks", "2",
+           "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--batch_size", "1", "--grad_accum", "2",
+           "--save_every", "2", "--model_card", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**ENV, "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 4
+    assert summary["tokens"] == 4 * 2 * 2 * 256  # steps x accumulation x processes x tokens
+    assert summary["eval"]["after"]["perplexity"] > 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    probe = torch.randint(3, 200, (1, 256))
+    assert reload_outputs(out / "model", probe).shape == (1, 256, 260)
