@@ -43,6 +43,16 @@ def _figure(width: float = 8.0, height: float = 5.0, rows: int = 1, cols: int = 
     return fig, fig.subplots(rows, cols, **kwargs)
 
 
+def _plain_log_axis(axis: Any) -> None:
+    """Log-scale axis labelled with plain numbers (12.5, not 1.25x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    formatter = FuncFormatter(lambda value, _: f"{value:.3g}")
+    axis.set_major_formatter(formatter)
+    axis.set_minor_locator(LogLocator(subs=(2, 3, 5, 7)))
+    axis.set_minor_formatter(formatter)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,15 +120,20 @@ def plot_perplexity_vs_length(
     series, original = _series(data)
     original = original_length or original
     fig, ax = _figure()
+    lengths: set[int] = set()
     for label, report in series.items():
         points = sorted((r.window, r.perplexity) for r in report.results)
+        lengths.update(p[0] for p in points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     if original:
         ax.axvline(original, color="grey", linestyle="--", linewidth=1)
         ax.annotate(f"trained length {original}", (original, 1), xycoords=("data", "axes fraction"),
                     xytext=(4, -14), textcoords="offset points", color="grey", fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(lengths), [str(n) for n in sorted(lengths)])
+    ax.minorticks_off()
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("window length (tokens)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title or "Perplexity vs length")
@@ -147,7 +162,10 @@ def plot_position_loss(
         ax.plot([(b.start + b.end) / 2 for b in buckets], [b.perplexity for b in buckets], marker="o", label=label)
     if original and chosen and original < chosen:
         ax.axvline(original, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"trained length {original}", (original, 1), xycoords=("data", "axes fraction"),
+                    xytext=(4, -14), textcoords="offset points", color="grey", fontsize=8)
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("position in the window (bucket centre)")
     ax.set_ylabel("perplexity of the bucket")
     ax.set_title(title or f"Loss by position, window {chosen}")
@@ -226,7 +244,7 @@ def rope_wavelengths(
     from .methods import default_inv_freq
 
     original = default_inv_freq(head_dim, base).double()  # [d/2]
-    new_len = int(round(original_length * factor))
+    new_len = round(original_length * factor)
     out = []
     for name in methods:
         spec = get_method(name)
@@ -393,11 +411,11 @@ __all__ = [
     "load_result",
     "plot_perplexity_vs_length",
     "plot_position_loss",
-    "plot_retrieval_heatmap",
-    "rope_wavelengths",
-    "rope_geometry",
-    "plot_rope_wavelengths",
-    "position_table",
-    "position_similarity",
     "plot_position_similarity",
+    "plot_retrieval_heatmap",
+    "plot_rope_wavelengths",
+    "position_similarity",
+    "position_table",
+    "rope_geometry",
+    "rope_wavelengths",
 ]

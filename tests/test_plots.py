@@ -33,8 +33,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def assert_png(path, min_width: int = 300) -> None:
     import matplotlib.image
 
-    data = open(path, "rb").read()
-    assert data[:8] == PNG_MAGIC
+    with open(path, "rb") as fh:
+        assert fh.read(8) == PNG_MAGIC
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[1] >= min_width
     assert image[..., :3].std() > 0.01  # not a blank canvas

@@ -478,11 +478,11 @@ def _demo(args: argparse.Namespace) -> int:
     shared = [r.method for r in report.runs if r.perplexity and r.perplexity.results
               and any(x.derived_from_window for x in r.perplexity.results)]
     report.notes = [
-        f"model: {args.model} ({type(model).__name__}, fp32, {device}), trained at {original} tokens, zero-shot "
-        "(no fine-tuning)",
+        (f"model: {args.model} ({type(model).__name__}, fp32, {device}), trained at {original} tokens, zero-shot "
+         "(no fine-tuning)"),
         f"text: {text.description}, tokens {offset}–{offset + longest} (no BOS); the same tokens for every method",
-        "PPL @ N: perplexity of the first N tokens of that stretch read as one N-token window (every token after "
-        "the first scored once)",
+        ("PPL @ N: perplexity of the first N tokens of that stretch read as one N-token window (every token after "
+         "the first scored once)"),
     ]
     if shared:
         report.notes.append(
@@ -491,8 +491,8 @@ def _demo(args: argparse.Namespace) -> int:
     if longest > original:
         report.notes.append(f"last column: tokens at positions {original}–{longest}, i.e. past the trained length")
     if not plan["passkey_lengths"]:
-        report.notes.append("passkey not run on CPU (one prompt past 8k tokens costs about a minute per method); "
-                            "add --passkey-lengths 12k, or run with a GPU")
+        report.notes.append(f"passkey not run: on a CPU each {longest}-token prompt costs about one more forward "
+                            "per method and depth; add --passkey-lengths, or run with a GPU")
     wavelength_methods = [m for m in plan["methods"] if m != "none"]
     geometry = rope_geometry(model)
     report.notes.append(f"measurements took {report.seconds:.0f} s after a {load_seconds:.0f} s model load")

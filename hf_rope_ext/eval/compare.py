@@ -298,4 +298,4 @@ def compare_methods(
     return report
 
 
-__all__ = ["CompareReport", "MethodRun", "compare_methods", "tail_perplexity", "original_length_of", "UNPATCHED"]
+__all__ = ["UNPATCHED", "CompareReport", "MethodRun", "compare_methods", "original_length_of", "tail_perplexity"]

@@ -105,4 +105,4 @@ def needle_grid(
                     progress=progress)
 
 
-__all__ = ["needle_grid", "build_needle_prompt", "sentence_pieces", "DEFAULT_DEPTHS"]
+__all__ = ["DEFAULT_DEPTHS", "build_needle_prompt", "needle_grid", "sentence_pieces"]

@@ -81,5 +81,13 @@ def passkey_accuracy(
                     progress=progress)
 
 
-__all__ = ["build_passkey_prompt", "passkey_accuracy", "random_key", "FILLER", "NEEDLE", "QUESTION", "INSTRUCTIONS",
-           "DEFAULT_DEPTHS"]
+__all__ = [
+    "DEFAULT_DEPTHS",
+    "FILLER",
+    "INSTRUCTIONS",
+    "NEEDLE",
+    "QUESTION",
+    "build_passkey_prompt",
+    "passkey_accuracy",
+    "random_key",
+]

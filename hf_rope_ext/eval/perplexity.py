@@ -487,13 +487,13 @@ def perplexity_at_lengths(
 
 __all__ = [
     "Bucket",
-    "PerplexityResult",
     "PerplexityReport",
-    "token_nll",
-    "plan_windows",
-    "sliding_window_perplexity",
-    "prefix_results",
-    "perplexity_at_lengths",
-    "length_dependent_positions",
+    "PerplexityResult",
     "default_bucket_size",
+    "length_dependent_positions",
+    "perplexity_at_lengths",
+    "plan_windows",
+    "prefix_results",
+    "sliding_window_perplexity",
+    "token_nll",
 ]

@@ -317,5 +317,13 @@ def run_grid(
     return report
 
 
-__all__ = ["RetrievalPrompt", "RetrievalTrial", "RetrievalReport", "score_answer", "build_prompt", "run_grid",
-           "generate_answers", "cell_rng"]
+__all__ = [
+    "RetrievalPrompt",
+    "RetrievalReport",
+    "RetrievalTrial",
+    "build_prompt",
+    "cell_rng",
+    "generate_answers",
+    "run_grid",
+    "score_answer",
+]

@@ -188,4 +188,4 @@ def take_tokens(ids: torch.Tensor, needed: int, offset: int = 0, what: str = "th
     return ids[offset : offset + needed]
 
 
-__all__ = ["Text", "BUILTIN_SOURCES", "load_documents", "load_text", "tokenize", "take_tokens"]
+__all__ = ["BUILTIN_SOURCES", "Text", "load_documents", "load_text", "take_tokens", "tokenize"]
