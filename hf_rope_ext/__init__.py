@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import methods as _methods  # noqa: F401,E402  (registers the built-in methods)
 from . import serialization as _serialization  # noqa: E402
+from . import patching_tables as _patching_tables  # noqa: F401,E402  (the learned-table backend)
 from .patching import freeze_rope_length, patch_info, patch_model, unpatch_model  # noqa: E402
 from .registry import list_methods, register_method  # noqa: E402
 

@@ -3,13 +3,19 @@
 Rotary families: the rotary module is found structurally (a ``*RotaryEmbedding`` module holding ``inv_freq`` or
 ``{layer_type}_inv_freq`` buffers and the config they were computed from); this table lists the model types verified to
 follow that layout and what differs between them.
+
+Table families (learned or fixed sinusoidal absolute positions): ``TableFamily`` says where the table lives, how many
+leading rows are not positions, which config fields, buffers and module attributes are sized by it, and for fixed
+sinusoidal tables the model's own formula.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -58,8 +64,121 @@ ROPE_FAMILIES: tuple[RopeFamily, ...] = (
     RopeFamily(model_types=("phi3",), native_rope_types=frozenset({"default", "longrope"})),
 )
 
-# Learned-table families are appended here by the absolute-table support (see ``TableFamily`` when present).
-TABLE_FAMILIES: tuple[Any, ...] = ()
+def _fairseq_sinusoid(module: nn.Module, rows: int) -> torch.Tensor:
+    """XGLM / M2M100: tensor2tensor layout [sin | cos], frequencies exp(-k ln(10000) / (d/2 - 1)), padding row 0."""
+    return type(module).get_embedding(rows, module.embedding_dim, module.padding_idx)  # [rows, d]
+
+
+def _marian_sinusoid(module: nn.Module, rows: int) -> torch.Tensor:
+    """Marian: [sin | cos] halves with frequencies 10000^(-2k/d), computed by the module's own ``create_weight``."""
+    with torch.device("meta"):  # only the shape is read from the throwaway module
+        shaped = type(module)(rows, module.embedding_dim)
+    return shaped.create_weight()  # [rows, d]
+
+
+def _distilbert_sinusoid(module: nn.Module, rows: int) -> torch.Tensor:
+    """DistilBERT with ``sinusoidal_pos_embds``: interleaved sin/cos columns, frequencies 10000^(-2k/d)."""
+    from transformers.models.distilbert import modeling_distilbert
+
+    out = torch.empty(rows, module.embedding_dim)
+    return modeling_distilbert._create_sinusoidal_embeddings(n_pos=rows, dim=module.embedding_dim, out=out)
+
+
+@dataclass(frozen=True)
+class TableFamily:
+    """A group of model types whose absolute position table is extended the same way."""
+
+    model_types: tuple[str, ...]
+    """``config.model_type`` values."""
+    tables: tuple[str, ...]
+    """Dotted module names of the table modules, matched as suffixes of ``model.named_modules()`` names (so the same
+    entry finds ``wpe`` in GPT2Model and ``transformer.wpe`` in GPT2LMHeadModel); every match is extended (encoder and
+    decoder of a seq2seq model)."""
+    weight: str = "weight"
+    """Attribute of a table module holding the table [rows, hidden]: a parameter, or a buffer (XGLM, M2M100)."""
+    row_offset: int = 0
+    """Leading table rows that are not positions 0, 1, ...: 2 for OPT, BioGPT, XGLM, M2M100."""
+    row_offset_from_padding_idx: bool = False
+    """The offset is the table module's ``padding_idx + 1`` (RoBERTa: positions start after the padding row, 2)."""
+    config_fields: tuple[str, ...] = ("max_position_embeddings",)
+    """Config fields holding the table length (GPT-2: ``n_positions``; ``max_position_embeddings`` is its alias)."""
+    config_counts_offset: bool = False
+    """The config fields count the offset rows too (RoBERTa: 514 for 512 positions; OPT says 2048 for 2050 rows)."""
+    buffers: tuple[str, ...] = ()
+    """Buffers (anywhere in the model) whose last dimension is the config length, continued as arithmetic
+    progressions: BERT's ``position_ids`` (0, 1, 2, ...) and ``token_type_ids`` (0, 0, ...)."""
+    masks: tuple[str, ...] = ()
+    """Square [..., N, N] buffers sized by the config length, extended along their diagonals: GPT-Neo's causal and
+    local ``attn.bias``, GPTBigCode's ``bias``."""
+    module_attrs: tuple[str, ...] = ()
+    """Int attributes of any module that equal the config length (OPT ``max_target_positions``, XGLM
+    ``num_positions``); ``num_embeddings`` of an ``nn.Embedding`` table is always kept equal to its rows."""
+    sinusoid: Callable[[nn.Module, int], torch.Tensor] | None = None
+    """Fixed sinusoidal table: ``(table module, rows) -> [rows, hidden]``, the model's own formula for the whole
+    table including offset rows. None for learned tables."""
+    sinusoid_flag: str | None = None
+    """Config flag that switches ``sinusoid`` on (DistilBERT ``sinusoidal_pos_embds``); None: always on."""
+    kind: str = field(default="absolute", init=False)
+
+    def formula(self, config: Any) -> Callable[[nn.Module, int], torch.Tensor] | None:
+        """The sinusoid formula when this model's table is a fixed sinusoid, else None (learned table)."""
+        if self.sinusoid is None or (self.sinusoid_flag and not getattr(config, self.sinusoid_flag, False)):
+            return None
+        return self.sinusoid
+
+
+_BERT_BUFFERS = ("position_ids", "token_type_ids")
+
+TABLE_FAMILIES: tuple[TableFamily, ...] = (
+    TableFamily(model_types=("gpt2",), tables=("wpe",), config_fields=("n_positions",)),  # also DistilGPT-2
+    TableFamily(model_types=("gpt_bigcode",), tables=("wpe",), config_fields=("n_positions",), masks=("bias",)),
+    TableFamily(model_types=("gpt_neo",), tables=("wpe",), masks=("bias",)),
+    TableFamily(
+        model_types=("opt",), tables=("embed_positions",), row_offset=2, module_attrs=("max_target_positions",)
+    ),
+    TableFamily(model_types=("biogpt",), tables=("embed_positions",), row_offset=2),
+    TableFamily(
+        model_types=("bert", "electra", "ernie", "megatron-bert"),
+        tables=("embeddings.position_embeddings",),
+        buffers=_BERT_BUFFERS,
+    ),
+    TableFamily(
+        model_types=("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl"),
+        tables=("embeddings.position_embeddings",),
+        row_offset_from_padding_idx=True,
+        config_counts_offset=True,
+        buffers=_BERT_BUFFERS,
+    ),
+    TableFamily(
+        model_types=("distilbert",),
+        tables=("embeddings.position_embeddings",),
+        buffers=("position_ids",),
+        sinusoid=_distilbert_sinusoid,
+        sinusoid_flag="sinusoidal_pos_embds",
+    ),
+    TableFamily(
+        model_types=("xglm",),
+        tables=("embed_positions",),
+        weight="weights",
+        row_offset=2,
+        module_attrs=("max_target_positions", "num_positions"),
+        sinusoid=_fairseq_sinusoid,
+    ),
+    TableFamily(
+        model_types=("m2m_100",),
+        tables=("embed_positions",),
+        weight="weights",
+        row_offset=2,
+        module_attrs=("max_source_positions", "max_target_positions", "num_positions"),
+        sinusoid=_fairseq_sinusoid,
+    ),
+    TableFamily(
+        model_types=("marian",),
+        tables=("embed_positions",),
+        module_attrs=("max_source_positions", "max_target_positions"),
+        sinusoid=_marian_sinusoid,
+    ),
+)
 
 
 def supported_model_types() -> list[str]:
@@ -82,7 +201,7 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def find_family(model: nn.Module) -> RopeFamily | Any:
+def find_family(model: nn.Module) -> RopeFamily | TableFamily:
     """The family entry for ``model``; unsupported models raise ``ValueError`` naming the supported model types."""
     types_seen = []
     rotary = rotary_modules(model)

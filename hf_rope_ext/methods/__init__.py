@@ -1,6 +1,10 @@
 """Built-in methods; importing this package registers them all."""
 
 from . import (  # noqa: F401
+    absolute_copy,
+    absolute_hierarchical,
+    absolute_interpolate,
+    absolute_sinusoidal,
     rope_dynamic_ntk,
     rope_dynamic_yarn,
     rope_extrapolate,
@@ -12,5 +16,6 @@ from . import (  # noqa: F401
     rope_yarn,
 )
 from ._rope_base import RopeParams, default_inv_freq
+from ._table_base import TableParams
 
-__all__ = ["RopeParams", "default_inv_freq"]
+__all__ = ["RopeParams", "TableParams", "default_inv_freq"]
