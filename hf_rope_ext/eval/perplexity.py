@@ -250,9 +250,10 @@ def _layer_bar(base: nn.Module, desc: str, enabled: bool) -> Iterator[None]:
 
 def _score(logits: torch.Tensor, input_ids: torch.Tensor, a: int, out: torch.Tensor) -> None:
     """NLL of tokens ``a+1 .. a+c`` from the logits ``[B, c, V]`` at positions ``a .. a+c-1``, written to ``out``."""
-    c = logits.shape[1]
-    targets = input_ids[:, a + 1 : a + 1 + c]  # [B, c]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, c]
+    targets = input_ids[:, a + 1 : a + 1 + logits.shape[1]]  # [B, c]
+    batch, c, vocab = logits.shape
+    # rows of [B*c, V] (the layout transformers' loss uses; [B, V, c] takes a less accurate path on CPU)
+    nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none").view(batch, c)
     out[:, a + 1 : a + 1 + c] = nll.cpu()
 
 
