@@ -555,7 +555,8 @@ def evaluate(accelerator: Any, model: Any, chunks: torch.Tensor, kwargs: dict[st
     scored = mine.shape[0]
     if scored < per_rank:
         mine = torch.cat([mine, chunks[:1].expand(per_rank - scored, -1)])
-    part = heldout_perplexity(model, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank})
+    inner = accelerator.unwrap_model(model)  # DDP's wrapper is not needed without gradients; sharded modules keep their hooks
+    part = heldout_perplexity(inner, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank})
     totals = torch.tensor([part.nll * part.tokens, float(part.tokens)], dtype=torch.float64, device=accelerator.device)
     nll_sum, tokens = accelerator.reduce(totals, reduction="sum").tolist()
     mean = nll_sum / max(tokens, 1.0)
@@ -611,7 +612,7 @@ def write_model_card(folder: Path, o: Options, plan: Plan, summary: dict[str, An
     if o.train_mode != "full":
         training["lora"] = {"r": o.lora_r, "lora_alpha": o.lora_alpha, "lora_dropout": o.lora_dropout,
                             "target_modules": adapters.short_names(plan.lora_targets) if isinstance(plan.lora_targets, list) else plan.lora_targets,
-                            "modules_to_save": adapters.short_names(plan.modules_to_save)}  # fmt: skip
+                            "modules_to_save": adapters.short_names(plan.modules_to_save) or None}  # fmt: skip
     results = []
     before, after = summary["eval"]["before"], summary["eval"]["after"]
     if before and after:

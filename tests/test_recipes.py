@@ -514,11 +514,34 @@ def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_p
     assert config["max_position_embeddings"] == 256
     table = result.model.bert.embeddings.position_embeddings.weight
     assert table.shape[0] == 256
+    import hf_rope_ext
+
+    untrained = BertForMaskedLM.from_pretrained(folder)
+    hf_rope_ext.patch_model(untrained, "hierarchical", factor=4)
+    initial = untrained.bert.embeddings.position_embeddings.weight
+    assert not torch.equal(initial, table)  # the extended table was trained (fully, next to LoRA)
+    assert torch.equal(untrained.bert.encoder.layer[0].output.dense.weight, result.model.bert.encoder.layer[0].output.dense.weight)
     probe = torch.randint(3, 200, (1, 256))
     with torch.no_grad():
         in_memory = result.model(probe).logits
     fresh = reload_outputs(tmp_path / "run" / "model", probe, auto_class="AutoModelForMaskedLM")
     torch.testing.assert_close(fresh, in_memory, rtol=1e-5, atol=1e-5)
+
+
+def test_heldout_perplexity_is_the_mean_token_nll(pretrained_llama, monkeypatch):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained_llama).eval()
+    chunks = torch.randint(3, 200, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(chunks[:2]).logits[:, :-1]  # the third chunk is run but not scored
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunks[:2, 1:].reshape(-1)).exp().item()
+    result = heldout_perplexity(model, chunks, batch_size=2, scored=2)
+    assert result.tokens == 2 * 63 and result.chunks == 2
+    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+    monkeypatch.setitem(sys.modules, "hf_rope_ext.eval.perplexity", None)  # without the eval module: plain forward
+    assert heldout_perplexity(model, chunks, batch_size=2, scored=2).perplexity == pytest.approx(expected, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ sliding-window protocol of the papers use ``hf_rope_ext.eval`` where available.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import mask_for_mlm
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,15 +81,31 @@ def heldout_perplexity(
                 ids, mask_token_id=mask_token_id, vocab_size=vocab_size, special_ids=special_ids or [], generator=generator
             )
             logits = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits.float()
-            target = labels.to(device)
+            nll = F.cross_entropy(logits.transpose(1, 2), labels.to(device), ignore_index=-100, reduction="none")  # [b, n]
+            counted = labels.to(device) != -100
         else:
-            logits = model(input_ids=ids.to(device), use_cache=False).logits.float()[:, :-1]  # [b, n-1, vocab]
-            target = ids[:, 1:].to(device)
-        rows = torch.arange(start, start + ids.shape[0], device=device) < scored  # [b]: chunks that count
-        target = target.masked_fill(~rows[:, None], -100)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int((target != -100).sum())
+            nll = _causal_nll(model, ids.to(device))  # [b, n - 1]
+            counted = torch.ones_like(nll, dtype=torch.bool)
+        rows = torch.arange(start, start + ids.shape[0], device=nll.device) < scored  # [b]: chunks that count
+        counted = counted & rows[:, None]
+        total_nll += float(nll[counted].sum())
+        total_tokens += int(counted.sum())
     model.train(was_training)
     mean = total_nll / max(total_tokens, 1)
     return HeldOutResult(math.exp(mean), mean, total_tokens, min(scored, int(chunks.shape[0])), int(chunks.shape[1]), objective)
+
+
+def _causal_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, n - 1]`` negative log-likelihood of tokens 1..n-1. Uses ``hf_rope_ext.eval``'s chunked LM head when that
+    module is present (no ``[b, n, vocab]`` logits at long lengths), else one plain forward."""
+    try:
+        from hf_rope_ext.eval.perplexity import token_nll
+    except ImportError:
+        token_nll = None
+    if token_nll is not None:
+        try:
+            return token_nll(model, ids)[:, 1:].to(ids.device)  # position 0 is NaN (nothing predicts it)
+        except (AttributeError, TypeError, ValueError) as err:  # a family the chunked head does not handle
+            logger.warning("chunked-head scoring failed for %s (%s); using one plain forward", type(model).__name__, err)
+    logits = model(input_ids=ids, use_cache=False).logits.float()[:, :-1]  # [b, n - 1, vocab]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
