@@ -840,9 +840,11 @@ def rebuild_on_cpu(o: Options, plan: Plan, full_state: dict[str, torch.Tensor]) 
                 original_max_position_embeddings=o.original_length, **o.method_params)  # fmt: skip
     model = make_trainable(model, o, plan)  # the same module names as the trained model; weights come from full_state
     missing, unexpected = model.load_state_dict(full_state, strict=False)
-    trained_missing = [k for k in missing if "lora_" in k or "modules_to_save" in k]
-    if trained_missing or unexpected:
-        raise RuntimeError(f"gathered weights do not fit the rebuilt model: missing {trained_missing[:5]}, unexpected {unexpected[:5]}")
+    storage = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    loaded = {storage[name] for name in full_state if name in storage}
+    missing = [k for k in missing if storage.get(k) not in loaded]  # tied weights arrive once, under one name
+    if missing or unexpected:
+        raise RuntimeError(f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model if o.train_mode == "full" else model.merge_and_unload()
 
 

@@ -296,6 +296,28 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama,
     torch.testing.assert_close(torch.tensor(curve_b), torch.tensor(curve_a), rtol=0, atol=1e-5)
 
 
+def test_sharded_engines_final_model_is_rebuilt_from_the_gathered_state(ft, random_llama, texts, tmp_path):
+    """FSDP / DeepSpeed end: the gathered state dict is loaded into a fresh CPU copy and merged (engine-free check)."""
+    from hf_rope_ext.loading import load_model
+
+    o = options(ft, random_llama, tmp_path / "run", texts, tmp_path, train_mode="longlora")
+    model, tokenizer = load_model(o.model)
+    ft.patch_model(model, o.method, factor=o.factor)
+    plan = ft.make_plan(model, tokenizer, o)
+    trained = ft.make_trainable(model, o, plan).eval()  # eval: no LoRA dropout
+    with torch.no_grad():  # pretend training moved every trainable weight
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    probe = torch.randint(3, 200, (1, 64))
+    with torch.no_grad():
+        expected = trained(probe).logits
+        rebuilt = ft.rebuild_on_cpu(o, plan, state)
+        torch.testing.assert_close(rebuilt(probe).logits, expected, rtol=1e-4, atol=1e-4)  # merging rounds
+    assert not hasattr(rebuilt, "peft_config")  # merged
+
+
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(random_llama, texts, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(RECIPE), "--model", str(random_llama), "--output_dir", str(out), "--factor", "4",
