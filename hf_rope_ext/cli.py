@@ -101,9 +101,24 @@ def _patch(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     info = patch_info(model)
-    print(json.dumps({k: info[k] for k in ("method", "factor", "original_max_position_embeddings",
-                                          "max_position_embeddings", "parameters", "requires_plugin")
-                      if k in info}, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                k: info[k]
+                for k in (
+                    "method",
+                    "factor",
+                    "original_max_position_embeddings",
+                    "max_position_embeddings",
+                    "parameters",
+                    "requires_plugin",
+                )
+                if k in info
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"saved to {args.out}")
     return 0
 
@@ -116,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as err:
             if err.name is None or not module.startswith(err.name):
                 raise
-    parser = argparse.ArgumentParser(prog="hf-rope-ext", description="Extend the context window of HF transformer models.")
+    parser = argparse.ArgumentParser(
+        prog="hf-rope-ext", description="Extend the context window of HF transformer models."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress information")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():

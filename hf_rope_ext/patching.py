@@ -163,7 +163,9 @@ def _keep_fp32_frequencies(module: nn.Module, args: Any) -> None:
 def _original_view(model: nn.Module, existing: dict[str, Any] | None, config: Any) -> tuple[dict[str, Any], int]:
     """rope_parameters and max_position_embeddings the model had before any patch."""
     if existing:
-        return copy.deepcopy(existing["original_rope_parameters"]), existing["original_config"]["max_position_embeddings"]
+        return copy.deepcopy(existing["original_rope_parameters"]), existing["original_config"][
+            "max_position_embeddings"
+        ]
     return copy.deepcopy(config.rope_parameters), config.max_position_embeddings
 
 
@@ -220,12 +222,15 @@ def _plan_rope(
         entries.append(_RopeEntry(prefix, new_rp, inv_freq, attention, plugin))
 
     # transformers' dynamic machinery reads max_position_embeddings as the ORIGINAL length
-    updates: dict[str, Any] = {"max_position_embeddings": params.original_max_position_embeddings if spec.dynamic else new_len}
+    updates: dict[str, Any] = {
+        "max_position_embeddings": params.original_max_position_embeddings if spec.dynamic else new_len
+    }
     original_config = {"max_position_embeddings": original_max}
     if hasattr(config, "original_max_position_embeddings"):  # Phi-3 keeps the pre-training length at top level
         updates["original_max_position_embeddings"] = params.original_max_position_embeddings
         original_config["original_max_position_embeddings"] = (
-            existing["original_config"].get("original_max_position_embeddings") if existing
+            existing["original_config"].get("original_max_position_embeddings")
+            if existing
             else config.original_max_position_embeddings
         )
     if "head_dim" in config.to_dict() and config.head_dim is None and not existing:
@@ -324,7 +329,9 @@ def freeze_rope_length(model: nn.Module, seq_len: int) -> Iterator[None]:
             kwargs = {"layer_type": prefix} if prefix else {}
             length = max(int(seq_len), int(module.original_max_seq_len))
             if rope_type == "longrope":
-                orig = (config.rope_parameters[prefix] if prefix else config.rope_parameters)["original_max_position_embeddings"]
+                orig = (config.rope_parameters[prefix] if prefix else config.rope_parameters)[
+                    "original_max_position_embeddings"
+                ]
                 length = max(int(seq_len), 1) if int(seq_len) > orig else orig
             inv_freq, attention = ROPE_INIT_FUNCTIONS[rope_type](config, buf.device, seq_len=length, **kwargs)
             if rope_type == "longrope":

@@ -4,8 +4,8 @@ Order of preference for the ``rope_parameters`` written into a patched config:
 
 1. the method's own native type (linear, dynamic, yarn, llama3, longrope, or default with a larger ``rope_theta``),
    when the model's config class accepts it;
-2. for any static method: ``longrope`` with ``short_factor == long_factor`` = the per-frequency divisors, and an explicit
-   ``attention_factor`` -- every fixed per-frequency rescale reloads in stock transformers that way;
+2. for any static method: ``longrope`` with ``short_factor == long_factor`` = the per-frequency divisors, and an
+   explicit ``attention_factor`` -- every fixed per-frequency rescale reloads in stock transformers that way;
 3. dynamic methods without a native type: a plugin type registered in ``ROPE_INIT_FUNCTIONS`` when ``hf_rope_ext`` is
    imported. Its name says so, so loading without the plugin fails with a message naming the fix.
 """
@@ -55,8 +55,10 @@ def rope_parameters_for(
             return native, False
     if not spec.dynamic:
         if not accepted("longrope"):
-            raise ValueError(f"method '{spec.name}' cannot be saved for {model_type!r}: its config accepts only "
-                             f"{sorted(native_rope_types or ())}")
+            raise ValueError(
+                f"method '{spec.name}' cannot be saved for {model_type!r}: its config accepts only "
+                f"{sorted(native_rope_types or ())}"
+            )
         divisors = (default_inv_freq(dim, base) / inv_freq.detach().float().cpu()).tolist()  # [d/2]
         return {
             "rope_type": "longrope",

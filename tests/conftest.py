@@ -12,9 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ORIGINAL_LEN = 64
 VOCAB = 128
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=ORIGINAL_LEN, initializer_range=0.2, bos_token_id=1,
-               eos_token_id=2, pad_token_id=0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=ORIGINAL_LEN,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 # model_type -> extra config kwargs (everything else from _COMMON)
 ROPE_FAMILY_CONFIGS: dict[str, dict] = {
@@ -25,8 +34,9 @@ ROPE_FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(num_key_value_heads=2, head_dim=16),
     "gemma": dict(num_key_value_heads=2, head_dim=16),
     "gemma2": dict(num_key_value_heads=2, head_dim=16, sliding_window=32),
-    "gemma3_text": dict(num_key_value_heads=2, head_dim=16, sliding_window=16,
-                        layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]
+    ),
     "phi": dict(partial_rotary_factor=0.5),
     "phi3": dict(num_key_value_heads=4, original_max_position_embeddings=ORIGINAL_LEN),
     "gpt_neox": dict(partial_rotary_factor=0.25),
@@ -35,9 +45,20 @@ ROPE_FAMILY_CONFIGS: dict[str, dict] = {
     "olmo2": dict(num_key_value_heads=2),
     "starcoder2": dict(num_key_value_heads=2),
     "stablelm": dict(num_key_value_heads=2, partial_rotary_factor=0.25),
-    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
-                        n_group=1, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+    ),
 }
 
 
@@ -66,8 +87,9 @@ def tiny_tokenizer():
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=ORIGINAL_LEN)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=ORIGINAL_LEN
+    )
 
 
 @pytest.fixture

@@ -18,8 +18,13 @@ CASES = [(64, 10000.0, 4096, 2.0), (64, 500000.0, 8192, 8.0), (128, 1e6, 2048, 1
 
 def hf_reference(rope_parameters: dict, dim: int, base: float, max_pos: int, seq_len=None):
     """transformers' computation for a config carrying ``rope_parameters``."""
-    config = LlamaConfig(hidden_size=dim * 4, num_attention_heads=4, head_dim=dim, max_position_embeddings=max_pos,
-                         rope_parameters={"rope_theta": base, **rope_parameters})
+    config = LlamaConfig(
+        hidden_size=dim * 4,
+        num_attention_heads=4,
+        head_dim=dim,
+        max_position_embeddings=max_pos,
+        rope_parameters={"rope_theta": base, **rope_parameters},
+    )
     return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu", seq_len=seq_len)
 
 
@@ -60,8 +65,13 @@ def test_dynamic_ntk_matches_transformers(dim, base, L, s, length_mult):
 @pytest.mark.parametrize("attention_factor", [None, 1.3])
 def test_yarn_matches_transformers(dim, base, L, s, betas, attention_factor):
     inv, att = ours("yarn", dim, base, L, s, beta_fast=betas[0], beta_slow=betas[1], attention_factor=attention_factor)
-    rp = {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L, "beta_fast": betas[0],
-          "beta_slow": betas[1]}
+    rp = {
+        "rope_type": "yarn",
+        "factor": s,
+        "original_max_position_embeddings": L,
+        "beta_fast": betas[0],
+        "beta_slow": betas[1],
+    }
     if attention_factor is not None:
         rp["attention_factor"] = attention_factor
     ref_inv, ref_att = hf_reference(rp, dim, base, int(L * s))
@@ -88,8 +98,12 @@ def test_ntk_by_parts_formula(dim, base, L, s):
     assert_close(inv.double(), torch.stack(expected), rtol=1e-6, atol=0)
     assert att == 1.0
     # and it is transformers' yarn with the temperature switched off
-    ref, ref_att = hf_reference({"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L,
-                                 "attention_factor": 1.0}, dim, base, int(L * s))
+    ref, ref_att = hf_reference(
+        {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L, "attention_factor": 1.0},
+        dim,
+        base,
+        int(L * s),
+    )
     assert_close(inv, ref)
     assert ref_att == 1.0
 
@@ -123,8 +137,9 @@ def test_dynamic_yarn_is_yarn_at_current_scale(dim, base, L, s, length_mult):
         assert_close(inv.double(), theta(dim, base), rtol=1e-6, atol=0)
         assert att == 1.0
     else:
-        ref, ref_att = hf_reference({"rope_type": "yarn", "factor": current, "original_max_position_embeddings": L},
-                                    dim, base, seq_len)
+        ref, ref_att = hf_reference(
+            {"rope_type": "yarn", "factor": current, "original_max_position_embeddings": L}, dim, base, seq_len
+        )
         assert_close(inv, ref)
         assert att == pytest.approx(0.1 * math.log(current) + 1) == pytest.approx(ref_att)
     assert_close(inv_t, inv)
@@ -135,8 +150,18 @@ def test_dynamic_yarn_is_yarn_at_current_scale(dim, base, L, s, length_mult):
 @pytest.mark.parametrize("low,high", [(1.0, 4.0), (2.0, 8.0)])
 def test_llama3_matches_transformers(dim, base, L, s, low, high):
     inv, att = ours("llama3", dim, base, L, s, low_freq_factor=low, high_freq_factor=high)
-    ref, ref_att = hf_reference({"rope_type": "llama3", "factor": s, "low_freq_factor": low, "high_freq_factor": high,
-                                 "original_max_position_embeddings": L}, dim, base, int(L * s))
+    ref, ref_att = hf_reference(
+        {
+            "rope_type": "llama3",
+            "factor": s,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": L,
+        },
+        dim,
+        base,
+        int(L * s),
+    )
     assert_close(inv, ref)
     assert att == ref_att == 1.0
 
@@ -147,13 +172,27 @@ def test_longrope_matches_transformers(dim, base, L, s, attention_factor):
     g = torch.Generator().manual_seed(dim)
     short = (1 + torch.rand(dim // 2, generator=g)).tolist()
     long = (1 + s * torch.rand(dim // 2, generator=g)).tolist()
-    rp = {"rope_type": "longrope", "short_factor": short, "long_factor": long, "factor": s,
-          "original_max_position_embeddings": L}
+    rp = {
+        "rope_type": "longrope",
+        "short_factor": short,
+        "long_factor": long,
+        "factor": s,
+        "original_max_position_embeddings": L,
+    }
     if attention_factor is not None:
         rp["attention_factor"] = attention_factor
     for seq_len in (None, L // 2, L, L + 1, int(L * s)):
-        inv, att = ours("longrope", dim, base, L, s, seq_len=seq_len, short_factor=short, long_factor=long,
-                        attention_factor=attention_factor)
+        inv, att = ours(
+            "longrope",
+            dim,
+            base,
+            L,
+            s,
+            seq_len=seq_len,
+            short_factor=short,
+            long_factor=long,
+            attention_factor=attention_factor,
+        )
         ref, ref_att = hf_reference(rp, dim, base, int(L * s), seq_len=seq_len)
         assert_close(inv, ref)
         assert att == pytest.approx(ref_att)
@@ -166,8 +205,9 @@ def test_longrope_needs_factors_of_the_right_length():
         ours("longrope", 64, 10000.0, 4096, 2.0, short_factor=[1.0] * 8, long_factor=[1.0] * 8)
 
 
-@pytest.mark.parametrize("name", ["extrapolate", "linear", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn",
-                                  "dynamic_yarn", "llama3"])
+@pytest.mark.parametrize(
+    "name", ["extrapolate", "linear", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3"]
+)
 def test_frequencies_are_float32_on_the_requested_device(name):
     inv, _ = ours(name, 64, 10000.0, 4096, 4.0)
     assert inv.dtype == torch.float32 and inv.shape == (32,) and inv.device.type == "cpu"

@@ -31,7 +31,9 @@ def method_kwargs(model, method: str) -> dict:
 
 def config_dict(model) -> dict:
     """The config minus what save_pretrained itself fills in (architectures, dtype)."""
-    return {k: v for k, v in model.config.to_dict().items() if k not in ("architectures", "dtype", "transformers_version")}
+    return {
+        k: v for k, v in model.config.to_dict().items() if k not in ("architectures", "dtype", "transformers_version")
+    }
 
 
 def logits(model, ids):
@@ -76,8 +78,13 @@ def test_family_method_matrix(model_type, tmp_path):
     reloaded = reload_logits_many(paths, ids, tmp_path)
     for path in paths:
         method = path.rsplit("/", 1)[-1]
-        torch.testing.assert_close(reloaded[path], in_memory[method], rtol=0, atol=1e-5,
-                                   msg=lambda m, method=method: f"{model_type}/{method}: {m}")
+        torch.testing.assert_close(
+            reloaded[path],
+            in_memory[method],
+            rtol=0,
+            atol=1e-5,
+            msg=lambda m, method=method: f"{model_type}/{method}: {m}",
+        )
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt_neox"])
@@ -88,7 +95,9 @@ def test_dynamic_yarn_needs_the_plugin_on_reload(model_type, tmp_path):
     assert patch_info(model)["requires_plugin"] is True
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)
-    proc = run_python(f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})")
+    proc = run_python(
+        f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
+    )
     assert proc.returncode != 0 and "import hf_rope_ext" in proc.stderr
     reloaded = reload_logits_many([str(tmp_path)], ids, tmp_path, import_plugin=True)[str(tmp_path)]
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
@@ -184,8 +193,11 @@ def test_custom_method_through_the_registry_saves_natively(llama, tmp_path):
 
 
 def snapshot(model):
-    return copy.deepcopy(model.config.to_dict()), {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: b.clone() for n, b in model.named_buffers()}
+    return (
+        copy.deepcopy(model.config.to_dict()),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: b.clone() for n, b in model.named_buffers()},
+    )
 
 
 def assert_unchanged(model, snap):

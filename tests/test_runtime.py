@@ -30,13 +30,21 @@ def test_cached_generation_past_the_original_length_matches_a_full_forward(metho
     patch_model(model, method, 4, **kwargs)
     prompt = torch.randint(3, VOCAB, (1, ORIGINAL_LEN - 10))
     new = 40  # crosses the original length (64) during generation
-    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        prompt,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     seq = out.sequences
     assert seq.shape[1] == prompt.shape[1] + new
     step_logits = torch.stack(out.logits, dim=1)[0]  # [new, vocab]
     with freeze_rope_length(model, seq.shape[1]):
-        full = logits(model, seq[:, :-1])[0, prompt.shape[1] - 1:]  # [new, vocab]
+        full = logits(model, seq[:, :-1])[0, prompt.shape[1] - 1 :]  # [new, vocab]
     torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-4)
     # the frequencies are restored after generation
     rotary = families.rotary_modules(model)[0]
@@ -132,8 +140,10 @@ def test_cli_methods_and_patch(tmp_path, tokenizer):
     assert proc.returncode == 0, proc.stderr
     names = {row["name"] for row in json.loads(proc.stdout)}
     assert {"linear", "ntk", "yarn", "dynamic_yarn", "llama3", "longrope"} <= names
-    code = (f"import sys; from hf_rope_ext.cli import main; sys.exit(main(['patch', {str(tmp_path / 'base')!r}, "
-            f"'--method', 'yarn', '--factor', '4', '--param', 'beta_fast=16', '--out', {str(tmp_path / 'out')!r}]))")
+    code = (
+        f"import sys; from hf_rope_ext.cli import main; sys.exit(main(['patch', {str(tmp_path / 'base')!r}, "
+        f"'--method', 'yarn', '--factor', '4', '--param', 'beta_fast=16', '--out', {str(tmp_path / 'out')!r}]))"
+    )
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -83,15 +83,26 @@ _RELOAD_MANY = textwrap.dedent(
 )
 
 
-def reload_logits_many(paths: list[str], input_ids: torch.Tensor, workdir: str | Path, *,
-                       auto_class: str = "AutoModelForCausalLM", import_plugin: bool = False) -> dict[str, torch.Tensor]:
+def reload_logits_many(
+    paths: list[str],
+    input_ids: torch.Tensor,
+    workdir: str | Path,
+    *,
+    auto_class: str = "AutoModelForCausalLM",
+    import_plugin: bool = False,
+) -> dict[str, torch.Tensor]:
     """Like ``reload_outputs`` for several saved models in ONE fresh process (saves interpreter start-ups)."""
     workdir = Path(workdir)
     ids_path, out_path = workdir / "_ids.pt", workdir / "_out.pt"
     torch.save(input_ids, ids_path)
-    code = _RELOAD_MANY.format(imports="import hf_rope_ext" if import_plugin else "", auto_class=auto_class,
-                               expect_plugin=import_plugin, ids_path=str(ids_path), out_path=str(out_path),
-                               paths=[str(p) for p in paths])
+    code = _RELOAD_MANY.format(
+        imports="import hf_rope_ext" if import_plugin else "",
+        auto_class=auto_class,
+        expect_plugin=import_plugin,
+        ids_path=str(ids_path),
+        out_path=str(out_path),
+        paths=[str(p) for p in paths],
+    )
     proc = run_python(code, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"reload failed:\n{proc.stderr[-3000:]}")

@@ -28,7 +28,8 @@ class RopeParams:
             self.original_max_position_embeddings < 1
         ):
             raise ValueError(
-                f"original_max_position_embeddings must be a positive int, got {self.original_max_position_embeddings!r}"
+                "original_max_position_embeddings must be a positive int, "
+                f"got {self.original_max_position_embeddings!r}"
             )
         self.factor = float(self.factor)
         self.original_max_position_embeddings = int(self.original_max_position_embeddings)
@@ -81,5 +82,5 @@ def by_parts_inv_freq(
 
 
 def yarn_attention_factor(factor: float) -> float:
-    """YaRN's attention temperature sqrt(1/t) = 0.1 * ln(s) + 1 (applied to cos and sin, so logits scale by its square)."""
+    """YaRN temperature sqrt(1/t) = 0.1 * ln(s) + 1 (multiplies cos and sin: logits scale by its square)."""
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from ..registry import register_method
-from ._rope_base import by_parts_inv_freq
 from .rope_yarn import YarnParams
 
 
@@ -36,5 +35,5 @@ def dynamic_yarn(params: YarnParams, dim: int, base: float, device: Any = None, 
             attention = float(params.attention_factor)
         else:
             attention = 0.1 * math.log(s) + 1.0
-    inv_freq = by_parts_inv_freq(dim, base, s, L, params.beta_fast, params.beta_slow, params.truncate, device)
+    inv_freq = params.inv_freq(dim, base, device, factor=s)
     return inv_freq, attention

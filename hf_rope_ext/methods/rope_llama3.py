@@ -47,7 +47,7 @@ def _native(params: Llama3Params, dim: int, base: float) -> dict[str, Any]:
     paper="https://arxiv.org/abs/2407.21783",
 )
 def llama3(params: Llama3Params, dim: int, base: float, device: Any = None, seq_len: Any = None):
-    """smooth = (L / wavelen - low) / (high - low); inv = (1 - smooth) * theta / s + smooth * theta in the middle band."""
+    """smooth = (L / wavelen - low) / (high - low); inv = (1 - smooth) * theta / s + smooth * theta in the middle."""
     theta = default_inv_freq(dim, base, device)  # [d/2]
     L, s = params.original_max_position_embeddings, params.factor
     low, high = params.low_freq_factor, params.high_freq_factor

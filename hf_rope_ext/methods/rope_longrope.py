@@ -41,7 +41,9 @@ class LongRopeParams(RopeParams):
     def check_dim(self, dim: int) -> None:
         for name in ("short_factor", "long_factor"):
             if len(getattr(self, name)) != dim // 2:
-                raise ValueError(f"longrope {name} needs {dim // 2} entries (rotary dim {dim} / 2), got {len(getattr(self, name))}")
+                raise ValueError(
+                    f"longrope {name} needs {dim // 2} entries (rotary dim {dim} / 2), got {len(getattr(self, name))}"
+                )
 
 
 def _native(params: LongRopeParams, dim: int, base: float) -> dict[str, Any]:

@@ -23,7 +23,22 @@ class ByPartsParams(RopeParams):
     def validate(self) -> None:
         super().validate()
         if not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(f"need beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
+            raise ValueError(
+                f"need beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}"
+            )
+
+    def inv_freq(self, dim: int, base: float, device: Any = None, factor: Any = None):
+        """The by-parts frequencies at ``factor`` (default: the configured factor). Shape [dim // 2], float32."""
+        return by_parts_inv_freq(
+            dim,
+            base,
+            self.factor if factor is None else factor,
+            self.original_max_position_embeddings,
+            self.beta_fast,
+            self.beta_slow,
+            self.truncate,
+            device,
+        )
 
 
 def by_parts_native(params: ByPartsParams, attention_factor: float) -> dict[str, Any]:
@@ -53,14 +68,4 @@ def _native(params: ByPartsParams, dim: int, base: float) -> dict[str, Any]:
 )
 def ntk_by_parts(params: ByPartsParams, dim: int, base: float, device: Any = None, seq_len: Any = None):
     """inv_i = (1 - g_i) * theta_i / s + g_i * theta_i, g_i a ramp from 1 (fast dims) to 0 (slow dims)."""
-    inv_freq = by_parts_inv_freq(
-        dim,
-        base,
-        params.factor,
-        params.original_max_position_embeddings,
-        params.beta_fast,
-        params.beta_slow,
-        params.truncate,
-        device,
-    )
-    return inv_freq, 1.0
+    return params.inv_freq(dim, base, device), 1.0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import register_method
-from ._rope_base import by_parts_inv_freq, yarn_attention_factor
+from ._rope_base import yarn_attention_factor
 from .rope_ntk_by_parts import ByPartsParams, by_parts_native
 
 
@@ -22,7 +22,9 @@ class YarnParams(ByPartsParams):
             raise ValueError(f"attention_factor must be > 0 or None, got {self.attention_factor!r}")
 
     def resolved_attention_factor(self) -> float:
-        return float(self.attention_factor) if self.attention_factor is not None else yarn_attention_factor(self.factor)
+        return (
+            float(self.attention_factor) if self.attention_factor is not None else yarn_attention_factor(self.factor)
+        )
 
 
 def _native(params: YarnParams, dim: int, base: float) -> dict[str, Any]:
@@ -38,14 +40,4 @@ def _native(params: YarnParams, dim: int, base: float) -> dict[str, Any]:
     paper="https://arxiv.org/abs/2309.00071",
 )
 def yarn(params: YarnParams, dim: int, base: float, device: Any = None, seq_len: Any = None):
-    inv_freq = by_parts_inv_freq(
-        dim,
-        base,
-        params.factor,
-        params.original_max_position_embeddings,
-        params.beta_fast,
-        params.beta_slow,
-        params.truncate,
-        device,
-    )
-    return inv_freq, params.resolved_attention_factor()
+    return params.inv_freq(dim, base, device), params.resolved_attention_factor()
