@@ -66,42 +66,84 @@ class Options:
     """Everything the recipe reads. Each field's help is in its metadata (``--help`` prints it)."""
 
     # --- model and extension
-    model: str | None = opt(None, "Model to extend: a local folder, a .gguf file, a Hub id, or an offline alias (smollm2, minilm). Required.")
+    model: str | None = opt(
+        None,
+        "Model to extend: a local folder, a .gguf file, a Hub id, or an offline alias (smollm2, minilm). Required.",
+    )
     tokenizer: str | None = opt(None, "Tokenizer folder or id when it differs from the model's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype the weights are loaded and trained in; mixed_precision adds autocast on top.")
-    method: str = opt("yarn", "Extension method from the registry (`hf-rope-ext methods`): yarn, linear, ntk, ... or copy/hierarchical for learned tables.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32",
+        "dtype the weights are loaded and trained in; mixed_precision adds autocast on top.",
+    )
+    method: str = opt(
+        "yarn",
+        "Extension method from the registry (`hf-rope-ext methods`): yarn, linear, ntk, ... or copy/hierarchical "
+        "for learned tables.",
+    )
     factor: float | None = opt(None, "New length / original length. Give this or target_length.")
     target_length: int | None = opt(None, "New context length in tokens, instead of factor.")
     original_length: int | None = opt(None, "Length the model was trained at; default: from its config.")
     method_params: dict[str, Any] = opt({}, "The method's own parameters, e.g. {beta_fast: 32} for yarn.")
 
     # --- what is trained
-    train_mode: Literal["lora", "longlora", "full"] = opt("lora", "lora: LoRA adapters only; longlora: LoRA + trainable embeddings and norms (LongLoRA); full: every weight.")
+    train_mode: Literal["lora", "longlora", "full"] = opt(
+        "lora",
+        "lora: LoRA adapters only; longlora: LoRA + trainable embeddings and norms (LongLoRA); full: every weight.",
+    )
     lora_r: int = opt(8, "LoRA rank.")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
-    lora_targets: str | list[str] = opt("attention", "Modules that get LoRA adapters: 'attention' (every linear layer inside attention blocks), 'all-linear', or a list of module names (peft matching: exact or dotted suffix).")
+    lora_targets: str | list[str] = opt(
+        "attention",
+        "Modules that get LoRA adapters: 'attention' (every linear layer inside attention blocks), 'all-linear', "
+        "or a list of module names (peft matching: exact or dotted suffix).",
+    )
     modules_to_save: list[str] = opt([], "Extra modules trained fully next to LoRA (names, peft matching).")
-    train_position_embeddings: bool | None = opt(None, "Train learned position tables fully in lora mode; default: yes when a learned table was extended.")
-    objective: Literal["auto", "causal", "masked"] = opt("auto", "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.")
+    train_position_embeddings: bool | None = opt(
+        None,
+        "Train learned position tables fully in lora mode; default: yes when a learned table was extended.",
+    )
+    objective: Literal["auto", "causal", "masked"] = opt(
+        "auto",
+        "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.",
+    )
     mlm_probability: float = opt(0.15, "Fraction of tokens masked for the masked objective.")
 
     # --- PoSE / S²-Attn
-    pose: bool = opt(False, "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.")
+    pose: bool = opt(
+        False,
+        "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.",
+    )
     pose_chunks: int = opt(2, "PoSE: number of chunks each window is cut into.")
-    s2attn: bool = opt(False, "LongLoRA's shifted sparse attention while training (Llama-family models); full attention at inference.")
+    s2attn: bool = opt(
+        False,
+        "LongLoRA's shifted sparse attention while training (Llama-family models); full attention at inference.",
+    )
     s2attn_group_ratio: float = opt(0.25, "S²-Attn group size as a fraction of seq_len.")
 
     # --- data
-    data: list[str] = opt(["builtin:pydoc"], "Training text: files (.txt .md .jsonl .json .parquet), folders, a `datasets` name, or builtin:pydoc / builtin:stdlib (offline).")
+    data: list[str] = opt(
+        ["builtin:pydoc"],
+        "Training text: files (.txt .md .jsonl .json .parquet), folders, a `datasets` name, or builtin:pydoc / "
+        "builtin:stdlib (offline).",
+    )
     text_field: str = opt("text", "Field / column holding the text in JSONL, JSON, parquet and datasets sources.")
     dataset_config: str | None = opt(None, "Configuration name for a `datasets` source.")
     dataset_split: str = opt("train", "Split of a `datasets` source.")
-    eval_data: list[str] = opt([], "Held-out text for the before/after perplexity; default: the tail of data, kept out of training.")
+    eval_data: list[str] = opt(
+        [],
+        "Held-out text for the before/after perplexity; default: the tail of data, kept out of training.",
+    )
     eval_chunks: int = opt(4, "Number of held-out chunks of target length to evaluate (0: no evaluation).")
-    seq_len: int | None = opt(None, "Tokens per training sequence; default: the target length (with pose: the original length).")
+    seq_len: int | None = opt(
+        None,
+        "Tokens per training sequence; default: the target length (with pose: the original length).",
+    )
     max_tokens: int | None = opt(None, "Read at most this many tokens of training data.")
-    cache_dir: str | None = opt(None, "Where tokenised data is cached; default $HF_ROPE_EXT_CACHE or ~/.cache/hf_rope_ext/tokens.")
+    cache_dir: str | None = opt(
+        None,
+        "Where tokenised data is cached; default $HF_ROPE_EXT_CACHE or ~/.cache/hf_rope_ext/tokens.",
+    )
 
     # --- optimisation
     max_steps: int = opt(400, "Optimizer steps.")
@@ -113,29 +155,63 @@ class Options:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     seed: int = opt(0, "Seed for data order, PoSE sampling, masking and dropout.")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = opt(None, "accelerate mixed precision (autocast); default: what `accelerate launch` / its config says, else no.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = opt(
+        None,
+        "accelerate mixed precision (autocast); default: what `accelerate launch` / its config says, else no.",
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
 
     # --- run
     output_dir: str | None = opt(None, "Run folder: checkpoints/, model/, run_config.yaml. Required.")
     save_every: int = opt(100, "Checkpoint every N optimizer steps (0: only on interruption).")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep (0: all).")
-    resume: bool | str = opt(False, "Continue from the latest checkpoint in output_dir (true) or from a given checkpoint folder.")
+    resume: bool | str = opt(
+        False,
+        "Continue from the latest checkpoint in output_dir (true) or from a given checkpoint folder.",
+    )
     overwrite: bool = opt(False, "Start from scratch even if output_dir already holds checkpoints (they are deleted).")
-    stop_after: int | None = opt(None, "Stop with a checkpoint after this many steps in this invocation (time-limited jobs; resume later).")
+    stop_after: int | None = opt(
+        None,
+        "Stop with a checkpoint after this many steps in this invocation (time-limited jobs; resume later).",
+    )
     log_every: int = opt(10, "Log the loss every N steps.")
     eval_before_after: bool = opt(True, "Held-out perplexity at the target length before and after training.")
     eval_batch_size: int = opt(1, "Batch size for the held-out evaluation.")
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the saved model; auto keeps the training dtype.")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto",
+        "dtype of the saved model; auto keeps the training dtype.",
+    )
     model_card: bool = opt(True, "Write README.md with hf_rope_ext.cards when that module is available.")
 
 
 # Options that must not change between a run and its resumption (they change the model or the data order).
 RESUME_KEYS = (
-    "model", "dtype", "method", "factor", "target_length", "original_length", "method_params", "train_mode", "lora_r",
-    "lora_alpha", "lora_targets", "modules_to_save", "train_position_embeddings", "objective", "pose", "pose_chunks",
-    "s2attn", "s2attn_group_ratio", "data", "text_field", "seq_len", "max_tokens", "batch_size", "grad_accum", "seed",
-)  # fmt: skip
+    "model",
+    "dtype",
+    "method",
+    "factor",
+    "target_length",
+    "original_length",
+    "method_params",
+    "train_mode",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "modules_to_save",
+    "train_position_embeddings",
+    "objective",
+    "pose",
+    "pose_chunks",
+    "s2attn",
+    "s2attn_group_ratio",
+    "data",
+    "text_field",
+    "seq_len",
+    "max_tokens",
+    "batch_size",
+    "grad_accum",
+    "seed",
+)
 
 
 def _describe(annotation: Any) -> str:
@@ -288,12 +364,26 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
     if o.factor is not None and o.factor <= 1:
         raise ValueError(f"factor must be > 1, got {o.factor}: the target length must exceed the original length")
     spec = registry.get_method(o.method)  # unknown method -> lists the known ones
-    valid = [f.name for f in dataclasses.fields(spec.params_cls) if f.name not in ("factor", "original_max_position_embeddings")]
+    valid = [
+        f.name
+        for f in dataclasses.fields(spec.params_cls)
+        if f.name not in ("factor", "original_max_position_embeddings")
+    ]
     unknown = sorted(set(o.method_params) - set(valid))
     if unknown:
-        raise ValueError(f"unknown method_params {unknown} for method '{spec.name}'; valid: {', '.join(valid) or 'none'}")
-    positive = {"lora_r": o.lora_r, "lora_alpha": o.lora_alpha, "max_steps": o.max_steps, "batch_size": o.batch_size,
-                "grad_accum": o.grad_accum, "log_every": o.log_every, "eval_batch_size": o.eval_batch_size, "pose_chunks": o.pose_chunks}  # fmt: skip
+        raise ValueError(
+            f"unknown method_params {unknown} for method '{spec.name}'; valid: {', '.join(valid) or 'none'}"
+        )
+    positive = {
+        "lora_r": o.lora_r,
+        "lora_alpha": o.lora_alpha,
+        "max_steps": o.max_steps,
+        "batch_size": o.batch_size,
+        "grad_accum": o.grad_accum,
+        "log_every": o.log_every,
+        "eval_batch_size": o.eval_batch_size,
+        "pose_chunks": o.pose_chunks,
+    }
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"option {name} must be >= 1, got {value}")
@@ -370,8 +460,12 @@ def make_plan(model: Any, tokenizer: Any, o: Options) -> Plan:
     if o.pose and seq_len >= target:
         raise ValueError(f"pose trains short windows: seq_len ({seq_len}) must be below the target length {target}")
     if not o.pose and seq_len < target:
-        logger.warning("training at %d tokens, below the target %d: positions beyond it are never trained "
-                       "(set pose: true to cover them with short windows)", seq_len, target)  # fmt: skip
+        logger.warning(
+            "training at %d tokens, below the target %d: positions beyond it are never trained "
+            "(set pose: true to cover them with short windows)",
+            seq_len,
+            target,
+        )
     if o.s2attn:
         s2attn.check_s2attn_supported(model)
         s2attn.s2attn_group_size(seq_len, o.s2attn_group_ratio)
@@ -383,16 +477,20 @@ def make_plan(model: Any, tokenizer: Any, o: Options) -> Plan:
         if o.lora_targets == "attention":
             lora_targets = adapters.attention_lora_targets(model)
             if not lora_targets:
-                raise ValueError(f"found no linear layers inside attention blocks of {type(model).__name__}; "
-                                 f"set lora_targets to module names, e.g. {adapters.short_names(linear)[:8]}")  # fmt: skip
+                raise ValueError(
+                    f"found no linear layers inside attention blocks of {type(model).__name__}; "
+                    f"set lora_targets to module names, e.g. {adapters.short_names(linear)[:8]}"
+                )
         elif o.lora_targets == "all-linear":
             lora_targets = "all-linear"
         else:
             names = [o.lora_targets] if isinstance(o.lora_targets, str) else list(o.lora_targets)
             missing = adapters.unmatched_targets(model, names, candidates=linear)
             if missing:
-                raise ValueError(f"lora_targets {missing} match no linear layer of {type(model).__name__}; linear layers "
-                                 f"are named: {', '.join(adapters.short_names(linear))} (or use 'attention', 'all-linear')")  # fmt: skip
+                raise ValueError(
+                    f"lora_targets {missing} match no linear layer of {type(model).__name__}; linear layers "
+                    f"are named: {', '.join(adapters.short_names(linear))} (or use 'attention', 'all-linear')"
+                )
             lora_targets = names
         missing = adapters.unmatched_targets(model, modules_to_save)
         if missing:
@@ -462,19 +560,29 @@ def step_seed(o: Options, step: int, rank: int, world: int) -> int:
     return (o.seed * 1_000_003 + step * world + rank) % (2**63)
 
 
-def make_batch(chunks: torch.Tensor, indices: list[int], o: Options, plan: Plan, tokenizer: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def make_batch(
+    chunks: torch.Tensor, indices: list[int], o: Options, plan: Plan, tokenizer: Any, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Model inputs for one micro-batch: input_ids [b, seq_len], labels, and for PoSE position_ids + attention_mask."""
     ids = chunks[indices]  # [b, seq_len]
     batch: dict[str, torch.Tensor] = {}
     if plan.objective == "masked":
         specials = list(tokenizer.all_special_ids)
-        ids, labels = data.mask_for_mlm(ids, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                                        special_ids=specials, probability=o.mlm_probability, generator=gen)  # fmt: skip
+        ids, labels = data.mask_for_mlm(
+            ids,
+            mask_token_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=specials,
+            probability=o.mlm_probability,
+            generator=gen,
+        )
         batch["attention_mask"] = torch.ones_like(ids)
     else:
         labels = ids  # the model shifts labels by one for next-token prediction
     if o.pose:  # positions span the target length; the explicit mask keeps the jumps from splitting the sequence
-        position_ids, mask = pose.pose_batch(len(indices), plan.seq_len, plan.target_length, num_chunks=o.pose_chunks, generator=gen)
+        position_ids, mask = pose.pose_batch(
+            len(indices), plan.seq_len, plan.target_length, num_chunks=o.pose_chunks, generator=gen
+        )
         batch.update(position_ids=position_ids, attention_mask=mask)
     batch.update(input_ids=ids, labels=labels)
     return batch
@@ -541,8 +649,10 @@ def resume_checkpoint(o: Options, root: Path) -> Path | None:
             logger.warning("resume: no checkpoint in %s yet, starting from scratch", root)
         return latest
     if latest is not None and not o.overwrite:
-        raise ValueError(f"{root} already holds checkpoints (latest {latest.name}); pass --resume true to continue "
-                         "or --overwrite true to start again")  # fmt: skip
+        raise ValueError(
+            f"{root} already holds checkpoints (latest {latest.name}); pass --resume true to continue "
+            "or --overwrite true to start again"
+        )
     return None
 
 
@@ -555,20 +665,34 @@ def evaluate(accelerator: Any, model: Any, chunks: torch.Tensor, kwargs: dict[st
     scored = mine.shape[0]
     if scored < per_rank:
         mine = torch.cat([mine, chunks[:1].expand(per_rank - scored, -1)])
-    inner = accelerator.unwrap_model(model)  # DDP's wrapper is not needed without gradients; sharded modules keep their hooks
-    part = heldout_perplexity(inner, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank})
+    inner = accelerator.unwrap_model(
+        model
+    )  # DDP's wrapper is not needed without gradients; sharded modules keep their hooks
+    part = heldout_perplexity(
+        inner, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank}
+    )
     totals = torch.tensor([part.nll * part.tokens, float(part.tokens)], dtype=torch.float64, device=accelerator.device)
     nll_sum, tokens = accelerator.reduce(totals, reduction="sum").tolist()
     mean = nll_sum / max(tokens, 1.0)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(tokens), "chunks": int(chunks.shape[0]),
-            "length": int(chunks.shape[1]), "objective": part.objective}  # fmt: skip
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": int(tokens),
+        "chunks": int(chunks.shape[0]),
+        "length": int(chunks.shape[1]),
+        "objective": part.objective,
+    }
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """Peak accelerator memory (CUDA max allocated) where there is one, else the process's peak resident memory."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     if device.type == "cuda":
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_max_allocated", "peak_rss_bytes": rss}
+        return {
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+            "peak_memory_kind": "cuda_max_allocated",
+            "peak_rss_bytes": rss,
+        }
     return {"peak_memory_bytes": rss, "peak_memory_kind": "cpu_peak_rss", "peak_rss_bytes": rss}
 
 
@@ -597,31 +721,57 @@ def write_model_card(folder: Path, o: Options, plan: Plan, summary: dict[str, An
         logger.info("hf_rope_ext.cards is not available: no model card written")
         return
     training = {
-        "data": o.data, "steps": summary["steps"], "tokens": summary["tokens"], "seq_len": plan.seq_len,
-        "batch_size": o.batch_size * o.grad_accum * summary["num_processes"], "gradient_accumulation_steps": o.grad_accum,
-        "learning_rate": o.lr, "warmup_steps": o.warmup_steps, "optimizer": "AdamW", "scheduler": o.lr_scheduler,
-        "precision": o.dtype if summary["mixed_precision"] == "no" else f"{summary['mixed_precision']} mixed precision",
-        "seed": o.seed, "hardware": f"{summary['num_processes']} x {summary['device']}",
-        "wall_time_s": summary["wall_time_s"], "tokens_per_s": summary["tokens_per_s"], "final_loss": summary["loss_last"],
-        "loss_curve": summary["loss_curve"], "method": o.method, "factor": plan.target_length / plan.original_length,
+        "data": o.data,
+        "steps": summary["steps"],
+        "tokens": summary["tokens"],
+        "seq_len": plan.seq_len,
+        "batch_size": o.batch_size * o.grad_accum * summary["num_processes"],
+        "gradient_accumulation_steps": o.grad_accum,
+        "learning_rate": o.lr,
+        "warmup_steps": o.warmup_steps,
+        "optimizer": "AdamW",
+        "scheduler": o.lr_scheduler,
+        "precision": o.dtype
+        if summary["mixed_precision"] == "no"
+        else f"{summary['mixed_precision']} mixed precision",
+        "seed": o.seed,
+        "hardware": f"{summary['num_processes']} x {summary['device']}",
+        "wall_time_s": summary["wall_time_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "final_loss": summary["loss_last"],
+        "loss_curve": summary["loss_curve"],
+        "method": o.method,
+        "factor": plan.target_length / plan.original_length,
         "recipe": f"recipes/finetune.py ({o.train_mode}{', PoSE' if o.pose else ''}{', S2-Attn' if o.s2attn else ''})",
-        "plots": [{"path": str(folder / "loss.png"), "title": "Training loss"}] if (folder / "loss.png").is_file() else [],
-    }  # fmt: skip
+        "plots": [{"path": str(folder / "loss.png"), "title": "Training loss"}]
+        if (folder / "loss.png").is_file()
+        else [],
+    }
     if summary.get("peak_memory_kind") == "cuda_max_allocated":
         training["peak_memory_bytes"] = summary["peak_memory_bytes"]
     if o.train_mode != "full":
-        training["lora"] = {"r": o.lora_r, "lora_alpha": o.lora_alpha, "lora_dropout": o.lora_dropout,
-                            "target_modules": adapters.short_names(plan.lora_targets) if isinstance(plan.lora_targets, list) else plan.lora_targets,
-                            "modules_to_save": adapters.short_names(plan.modules_to_save) or None}  # fmt: skip
+        training["lora"] = {
+            "r": o.lora_r,
+            "lora_alpha": o.lora_alpha,
+            "lora_dropout": o.lora_dropout,
+            "target_modules": adapters.short_names(plan.lora_targets)
+            if isinstance(plan.lora_targets, list)
+            else plan.lora_targets,
+            "modules_to_save": adapters.short_names(plan.modules_to_save) or None,
+        }
     results = []
     before, after = summary["eval"]["before"], summary["eval"]["after"]
     if before and after:
-        results.append({
-            "task": "perplexity",
-            "dataset": f"held-out text ({', '.join(o.eval_data) if o.eval_data else 'tail of the training data'})",
-            "results": {"before fine-tuning": [{"length": plan.target_length, "perplexity": before["perplexity"]}],
-                        o.method: [{"length": plan.target_length, "perplexity": after["perplexity"]}]},
-        })  # fmt: skip
+        results.append(
+            {
+                "task": "perplexity",
+                "dataset": f"held-out text ({', '.join(o.eval_data) if o.eval_data else 'tail of the training data'})",
+                "results": {
+                    "before fine-tuning": [{"length": plan.target_length, "perplexity": before["perplexity"]}],
+                    o.method: [{"length": plan.target_length, "perplexity": after["perplexity"]}],
+                },
+            }
+        )
     base_model = None if Path(o.model).expanduser().exists() or o.model in ("smollm2", "minilm") else o.model
     try:
         cards.write_card(folder, results=results, training=training, base_model=base_model, repo_id=repo_id)
@@ -659,19 +809,16 @@ def run(o: Options) -> RunResult:
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:  # e.g. torchrun / --multi_gpu on a machine without GPUs: N independent runs would collide
-        raise ValueError(f"{launched} processes were launched but accelerate sees {world}; on CPU-only machines set "
-                         "ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N uses gloo then)")  # fmt: skip
+        raise ValueError(
+            f"{launched} processes were launched but accelerate sees {world}; on CPU-only machines set "
+            "ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N uses gloo then)"
+        )
     out = Path(o.output_dir)
     ckpt_root = out / "checkpoints"
     resume_from = resume_checkpoint(o, ckpt_root)
-    if main:
-        if o.overwrite and ckpt_root.exists():
-            import shutil
-
-            shutil.rmtree(ckpt_root)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(asdict(o), sort_keys=False))
-    logger.info("hf_rope_ext %s | %d process(es) on %s | output %s", hf_rope_ext.__version__, world, accelerator.device, out)
+    logger.info(
+        "hf_rope_ext %s | %d process(es) on %s | output %s", hf_rope_ext.__version__, world, accelerator.device, out
+    )
 
     # ---- model + patch (fails here on target <= original, unknown method parameters, unsupported model)
     task = {"auto": "auto", "causal": "causal-lm", "masked": "masked-lm"}[o.objective]
@@ -684,25 +831,51 @@ def run(o: Options) -> RunResult:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(o.tokenizer)
-    patch_model(model, o.method, factor=o.factor, max_position_embeddings=o.target_length,
-                original_max_position_embeddings=o.original_length, tokenizer=tokenizer, **o.method_params)  # fmt: skip
+    patch_model(
+        model,
+        o.method,
+        factor=o.factor,
+        max_position_embeddings=o.target_length,
+        original_max_position_embeddings=o.original_length,
+        tokenizer=tokenizer,
+        **o.method_params,
+    )
     plan = make_plan(model, tokenizer, o)
-    logger.info("extended %s: %d -> %d positions with %s; training %s at %d tokens%s%s", type(model).__name__,
-                plan.original_length, plan.target_length, o.method, o.train_mode, plan.seq_len,
-                " + PoSE" if o.pose else "", " + S²-Attn" if o.s2attn else "")  # fmt: skip
+    logger.info(
+        "extended %s: %d -> %d positions with %s; training %s at %d tokens%s%s",
+        type(model).__name__,
+        plan.original_length,
+        plan.target_length,
+        o.method,
+        o.train_mode,
+        plan.seq_len,
+        " + PoSE" if o.pose else "",
+        " + S²-Attn" if o.s2attn else "",
+    )
 
     # ---- data: tokenise once (main process first, the others read its cache), pack, hold out evaluation chunks
     with accelerator.main_process_first():
-        stream_kwargs = {"cache_dir": o.cache_dir, "text_field": o.text_field, "dataset_config": o.dataset_config, "dataset_split": o.dataset_split}
+        stream_kwargs = {
+            "cache_dir": o.cache_dir,
+            "text_field": o.text_field,
+            "dataset_config": o.dataset_config,
+            "dataset_split": o.dataset_split,
+        }
         stream = data.load_token_stream(o.data, tokenizer, max_tokens=o.max_tokens, **stream_kwargs)
         eval_stream = data.load_token_stream(o.eval_data, tokenizer, **stream_kwargs) if o.eval_data else None
-    wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id) if plan.objective == "masked" and tokenizer.cls_token_id is not None else None
+    wrap = (
+        (tokenizer.cls_token_id, tokenizer.sep_token_id)
+        if plan.objective == "masked" and tokenizer.cls_token_id is not None
+        else None
+    )
     n_eval = o.eval_chunks if o.eval_before_after else 0
     if n_eval and eval_stream is None:  # hold out the tail of the training stream
         held = n_eval * plan.target_length
         if stream.numel() - held < plan.seq_len * 2:
-            raise ValueError(f"data has {stream.numel()} tokens: too few to hold out {n_eval} x {plan.target_length} "
-                             f"for evaluation and train; add data, set eval_data, or lower eval_chunks")  # fmt: skip
+            raise ValueError(
+                f"data has {stream.numel()} tokens: too few to hold out {n_eval} x {plan.target_length} "
+                f"for evaluation and train; add data, set eval_data, or lower eval_chunks"
+            )
         stream, eval_stream = stream[:-held], stream[-held:]
     train_chunks = data.pack(stream, plan.seq_len, wrap=wrap)
     eval_chunks = data.pack(eval_stream, plan.target_length, wrap=wrap)[:n_eval] if n_eval else None
@@ -710,24 +883,57 @@ def run(o: Options) -> RunResult:
         raise ValueError(f"data gives {stream.numel()} tokens, fewer than one training sequence of {plan.seq_len}")
     if n_eval and eval_chunks.shape[0] == 0:
         raise ValueError(f"eval_data is shorter than one chunk of the target length {plan.target_length}")
-    logger.info("data: %d training chunks of %d tokens; %d held-out chunks of %d", train_chunks.shape[0], plan.seq_len,
-                0 if eval_chunks is None else eval_chunks.shape[0], plan.target_length)  # fmt: skip
+    logger.info(
+        "data: %d training chunks of %d tokens; %d held-out chunks of %d",
+        train_chunks.shape[0],
+        plan.seq_len,
+        0 if eval_chunks is None else eval_chunks.shape[0],
+        plan.target_length,
+    )
 
     # ---- state carried across resumptions
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_curve": [], "elapsed_s": 0.0, "eval_before": None,
-                             "options": {k: getattr(o, k) for k in RESUME_KEYS}, "num_processes": world}  # fmt: skip
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "loss_curve": [],
+        "elapsed_s": 0.0,
+        "eval_before": None,
+        "options": {k: getattr(o, k) for k in RESUME_KEYS},
+        "num_processes": world,
+    }
     if resume_from is not None:
         saved = json.loads((resume_from / io.COMPLETE_MARKER).read_text())
         changed = [k for k in RESUME_KEYS if saved["options"].get(k) != state["options"][k]]
         if changed:
-            raise ValueError(f"cannot resume from {resume_from}: options changed since it was written: "
-                             + ", ".join(f"{k} {saved['options'].get(k)!r} -> {state['options'][k]!r}" for k in changed))  # fmt: skip
+            raise ValueError(
+                f"cannot resume from {resume_from}: options changed since it was written: "
+                + ", ".join(f"{k} {saved['options'].get(k)!r} -> {state['options'][k]!r}" for k in changed)
+            )
         if saved.get("num_processes") != world:
-            logger.warning("resuming with %d processes (checkpoint had %s): the data order will differ", world, saved.get("num_processes"))
+            logger.warning(
+                "resuming with %d processes (checkpoint had %s): the data order will differ",
+                world,
+                saved.get("num_processes"),
+            )
         state.update({k: saved[k] for k in ("step", "tokens", "loss_curve", "elapsed_s", "eval_before")})
 
-    eval_kwargs = {"objective": plan.objective, "batch_size": o.eval_batch_size, "mask_token_id": tokenizer.mask_token_id,
-                       "special_ids": list(tokenizer.all_special_ids), "vocab_size": len(tokenizer), "seed": o.seed}  # fmt: skip
+    eval_kwargs = {
+        "objective": plan.objective,
+        "batch_size": o.eval_batch_size,
+        "mask_token_id": tokenizer.mask_token_id,
+        "special_ids": list(tokenizer.all_special_ids),
+        "vocab_size": len(tokenizer),
+        "seed": o.seed,
+    }
+
+    # ---- every check passed: the run starts writing
+    if main:
+        if o.overwrite and ckpt_root.exists():
+            import shutil
+
+            shutil.rmtree(ckpt_root)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(asdict(o), sort_keys=False))
 
     # ---- trainable parameters, memory savers, S²-Attn
     if o.gradient_checkpointing:
@@ -750,7 +956,9 @@ def run(o: Options) -> RunResult:
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     elif eval_chunks is not None:  # the patched model before training (LoRA starts as a no-op)
         state["eval_before"] = evaluate(accelerator, model, eval_chunks, eval_kwargs)
-        logger.info("held-out perplexity at %d before training: %.3f", plan.target_length, state["eval_before"]["perplexity"])
+        logger.info(
+            "held-out perplexity at %d before training: %.3f", plan.target_length, state["eval_before"]["perplexity"]
+        )
 
     # ---- training loop
     from tqdm.auto import tqdm
@@ -770,8 +978,16 @@ def run(o: Options) -> RunResult:
                 group["lr"] = lr
             losses = []
             for micro in range(o.grad_accum):
-                indices = data.micro_batch_indices(train_chunks.shape[0], step=step, micro=micro, grad_accum=o.grad_accum,
-                                                   batch_size=o.batch_size, world=world, rank=rank, seed=o.seed)  # fmt: skip
+                indices = data.micro_batch_indices(
+                    train_chunks.shape[0],
+                    step=step,
+                    micro=micro,
+                    grad_accum=o.grad_accum,
+                    batch_size=o.batch_size,
+                    world=world,
+                    rank=rank,
+                    seed=o.seed,
+                )
                 batch = make_batch(train_chunks, indices, o, plan, tokenizer, gen)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
@@ -813,8 +1029,12 @@ def run(o: Options) -> RunResult:
     if eval_chunks is not None:
         eval_after = evaluate(accelerator, model, eval_chunks, eval_kwargs)
         before = state["eval_before"]["perplexity"] if state["eval_before"] else float("nan")
-        logger.info("held-out perplexity at %d after training: %.3f (before: %.3f)", plan.target_length,
-                    eval_after["perplexity"], before)  # fmt: skip
+        logger.info(
+            "held-out perplexity at %d after training: %.3f (before: %.3f)",
+            plan.target_length,
+            eval_after["perplexity"],
+            before,
+        )
 
     # ---- final model: merge LoRA, restore inference settings, save atomically with summary, plot, card
     accelerator.wait_for_everyone()
@@ -835,21 +1055,40 @@ def run(o: Options) -> RunResult:
 
 def rebuild_on_cpu(o: Options, plan: Plan, full_state: dict[str, torch.Tensor]) -> Any:
     """FSDP / DeepSpeed: a fresh CPU copy of the trained model from the gathered state dict, merged."""
-    model, _ = load_model(o.model, dtype=o.dtype, task={"auto": "auto", "causal": "causal-lm", "masked": "masked-lm"}[o.objective])
-    patch_model(model, o.method, factor=o.factor, max_position_embeddings=o.target_length,
-                original_max_position_embeddings=o.original_length, **o.method_params)  # fmt: skip
+    model, _ = load_model(
+        o.model, dtype=o.dtype, task={"auto": "auto", "causal": "causal-lm", "masked": "masked-lm"}[o.objective]
+    )
+    patch_model(
+        model,
+        o.method,
+        factor=o.factor,
+        max_position_embeddings=o.target_length,
+        original_max_position_embeddings=o.original_length,
+        **o.method_params,
+    )
     model = make_trainable(model, o, plan)  # the same module names as the trained model; weights come from full_state
     missing, unexpected = model.load_state_dict(full_state, strict=False)
     storage = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
     loaded = {storage[name] for name in full_state if name in storage}
     missing = [k for k in missing if storage.get(k) not in loaded]  # tied weights arrive once, under one name
     if missing or unexpected:
-        raise RuntimeError(f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model if o.train_mode == "full" else model.merge_and_unload()
 
 
-def finalize(o: Options, plan: Plan, model: Any, tokenizer: Any, state: dict[str, Any], eval_after: dict[str, Any] | None,
-             out: Path, world: int, accelerator: Any) -> dict[str, Any]:  # fmt: skip
+def finalize(
+    o: Options,
+    plan: Plan,
+    model: Any,
+    tokenizer: Any,
+    state: dict[str, Any],
+    eval_after: dict[str, Any] | None,
+    out: Path,
+    world: int,
+    accelerator: Any,
+) -> dict[str, Any]:
     s2attn.disable_s2attn(model)
     if o.gradient_checkpointing:
         model.gradient_checkpointing_disable()
@@ -873,22 +1112,34 @@ def finalize(o: Options, plan: Plan, model: Any, tokenizer: Any, state: dict[str
         **peak_memory(accelerator.device),
         "num_processes": world,
         "distributed_type": str(accelerator.distributed_type.value),
-        "device": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type,
+        "device": torch.cuda.get_device_name(accelerator.device)
+        if accelerator.device.type == "cuda"
+        else accelerator.device.type,
         "mixed_precision": str(accelerator.mixed_precision),
         "eval": {"before": state["eval_before"], "after": eval_after},
         "extension": patch_info(model),
         "options": asdict(o),
     }
     meta = dict(model.config.hf_rope_ext)
-    meta["finetune"] = {"train_mode": o.train_mode, "steps": state["step"], "tokens": state["tokens"], "seq_len": plan.seq_len,
-                        "pose": o.pose, "s2attn": o.s2attn, "data": o.data, "lr": o.lr}  # fmt: skip
+    meta["finetune"] = {
+        "train_mode": o.train_mode,
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "seq_len": plan.seq_len,
+        "pose": o.pose,
+        "s2attn": o.s2attn,
+        "data": o.data,
+        "lr": o.lr,
+    }
     model.config.hf_rope_ext = meta
     with io.atomic_directory(out / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if curve:
-            plot_loss(curve, tmp / "loss.png", f"{o.method} x{plan.target_length / plan.original_length:g}, {o.train_mode}")
+            plot_loss(
+                curve, tmp / "loss.png", f"{o.method} x{plan.target_length / plan.original_length:g}, {o.train_mode}"
+            )
         if o.model_card:
             write_model_card(tmp, o, plan, summary, repo_id=str(out / "model"))
     logger.info("saved %s (%d steps, %.0f tokens/s)", out / "model", state["step"], summary["tokens_per_s"] or 0)

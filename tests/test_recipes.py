@@ -1,4 +1,4 @@
-"""recipes/finetune.py on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail early.
+"""recipes/finetune.py on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail.
 
 The "perplexity goes down" test needs a model that depends on positions: a 2-layer Llama is pretrained for ~140 steps
 at 64 tokens on periodic text (a random 16-letter unit repeated), which it can only predict by attending 16 tokens
@@ -31,8 +31,14 @@ from .utils import reload_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "finetune.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(ROOT),
+}
 PERIOD = 16
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -81,19 +87,41 @@ def make_tokenizer(max_len: int = 64):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1, special_tokens=["<s>", "</s>", "<pad>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=1,
+        special_tokens=["<s>", "</s>", "<pad>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["x"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=max_len)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+        model_max_length=max_len,
+    )
 
 
 def llama_config(vocab: int, **kw):
     from transformers import LlamaConfig
 
-    base = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False, "bos_token_id": 0,
-                "eos_token_id": 1, "pad_token_id": 2}  # fmt: skip
+    base = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+    }
     return LlamaConfig(**{**base, **kw})
 
 
@@ -147,9 +175,23 @@ def random_llama(tmp_path_factory) -> Path:
 
 
 def options(ft, model: Path, out: Path, texts: dict[str, Path], tmp_path: Path, **kw):
-    base = {"model": str(model), "output_dir": str(out), "factor": 4, "data": [str(texts["train"])], "eval_data": [str(texts["eval"])],
-                "eval_chunks": 2, "cache_dir": str(tmp_path / "cache"), "max_steps": 3, "batch_size": 2, "grad_accum": 1, "lr": 1e-2,
-                "warmup_steps": 1, "save_every": 0, "log_every": 1, "model_card": False}  # fmt: skip
+    base = {
+        "model": str(model),
+        "output_dir": str(out),
+        "factor": 4,
+        "data": [str(texts["train"])],
+        "eval_data": [str(texts["eval"])],
+        "eval_chunks": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "max_steps": 3,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 1e-2,
+        "warmup_steps": 1,
+        "save_every": 0,
+        "log_every": 1,
+        "model_card": False,
+    }
     return ft.options_from_dict({**base, **kw})
 
 
@@ -165,8 +207,18 @@ def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_yarn_lora_finetune_recovers_and_reloads_natively(ft, pretrained_llama, texts, tmp_path):
     out = tmp_path / "run"
-    o = options(ft, pretrained_llama, out, texts, tmp_path, method="yarn", max_steps=30, eval_chunks=4, warmup_steps=3,
-                model_card=True)  # fmt: skip
+    o = options(
+        ft,
+        pretrained_llama,
+        out,
+        texts,
+        tmp_path,
+        method="yarn",
+        max_steps=30,
+        eval_chunks=4,
+        warmup_steps=3,
+        model_card=True,
+    )
     result = ft.run(o)
     assert not result.stopped and result.step == 30
     summary = result.summary
@@ -194,7 +246,7 @@ def test_yarn_lora_finetune_recovers_and_reloads_natively(ft, pretrained_llama, 
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert heldout_perplexity(reloaded, chunks).perplexity < 0.5 * heldout_perplexity(untrained, chunks).perplexity
 
-    # the saved config is native yarn with the extension metadata; a fresh process without the plugin gets the same logits
+    # the saved config is native yarn with the extension metadata; a fresh process without the plugin: same logits
     config = json.loads((folder / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 256
     assert config["hf_rope_ext"]["method"] == "yarn" and config["hf_rope_ext"]["finetune"]["steps"] == 30
@@ -272,7 +324,15 @@ def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, text
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama, texts, tmp_path):
-    common = {"method": "yarn", "max_steps": 6, "grad_accum": 2, "lora_dropout": 0.1, "pose": True, "seed": 3, "eval_chunks": 0}
+    common = {
+        "method": "yarn",
+        "max_steps": 6,
+        "grad_accum": 2,
+        "lora_dropout": 0.1,
+        "pose": True,
+        "seed": 3,
+        "eval_chunks": 0,
+    }
     full = ft.run(options(ft, random_llama, tmp_path / "a", texts, tmp_path, **common))
     assert not full.stopped
 
@@ -320,9 +380,32 @@ def test_sharded_engines_final_model_is_rebuilt_from_the_gathered_state(ft, rand
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(random_llama, texts, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(RECIPE), "--model", str(random_llama), "--output_dir", str(out), "--factor", "4",
-           "--data", str(texts["train"]), "--eval_chunks", "0", "--cache_dir", str(tmp_path / "cache"),
-           "--max_steps", "100000", "--batch_size", "1", "--grad_accum", "1", "--save_every", "0", "--log_every", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(RECIPE),
+        "--model",
+        str(random_llama),
+        "--output_dir",
+        str(out),
+        "--factor",
+        "4",
+        "--data",
+        str(texts["train"]),
+        "--eval_chunks",
+        "0",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--max_steps",
+        "100000",
+        "--batch_size",
+        "1",
+        "--grad_accum",
+        "1",
+        "--save_every",
+        "0",
+        "--log_every",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
     lines = []
     deadline = time.time() + 240
@@ -397,7 +480,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("changes, error, message", BAD_CONFIGS, ids=[m.split()[0] + str(i) for i, (_, _, m) in enumerate(BAD_CONFIGS)])
+@pytest.mark.parametrize(
+    "changes, error, message", BAD_CONFIGS, ids=[m.split()[0] + str(i) for i, (_, _, m) in enumerate(BAD_CONFIGS)]
+)
 def test_bad_configs_fail_before_training(ft, random_llama, texts, tmp_path, monkeypatch, changes, error, message):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -412,8 +497,14 @@ def test_s2attn_on_an_unsupported_family_fails_early(ft, texts, tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tokenizer = make_tokenizer()
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     folder = save_tiny(tmp_path / "neox", GPTNeoXForCausalLM(config), tokenizer)
     with pytest.raises(ValueError, match="s2attn\\) supports model types llama, .*got 'gpt_neox'"):
         ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, s2attn=True))
@@ -509,10 +600,15 @@ def test_gpt2_copy_full_finetune_reloads_natively(ft, texts, tmp_path):
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                       bos_token_id=0, eos_token_id=1))  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1
+        )
+    )
     folder = save_tiny(tmp_path / "gpt2", model, tokenizer)
-    result = ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, method="copy", factor=2, train_mode="full", lr=1e-3))
+    result = ft.run(
+        options(ft, folder, tmp_path / "run", texts, tmp_path, method="copy", factor=2, train_mode="full", lr=1e-3)
+    )
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["n_positions"] == 128 and result.summary["seq_len"] == 128
     probe = torch.randint(3, 200, (1, 128))
@@ -527,8 +623,16 @@ def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_p
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))  # fmt: skip
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    )
     folder = save_tiny(tmp_path / "bert", model, tokenizer)
     result = ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, method="hierarchical", factor=4))
     assert result.summary["eval"]["after"]["objective"] == "masked"
@@ -542,7 +646,9 @@ def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_p
     hf_rope_ext.patch_model(untrained, "hierarchical", factor=4)
     initial = untrained.bert.embeddings.position_embeddings.weight
     assert not torch.equal(initial, table)  # the extended table was trained (fully, next to LoRA)
-    assert torch.equal(untrained.bert.encoder.layer[0].output.dense.weight, result.model.bert.encoder.layer[0].output.dense.weight)
+    assert torch.equal(
+        untrained.bert.encoder.layer[0].output.dense.weight, result.model.bert.encoder.layer[0].output.dense.weight
+    )
     probe = torch.randint(3, 200, (1, 256))
     with torch.no_grad():
         in_memory = result.model(probe).logits
@@ -601,8 +707,12 @@ def test_data_sources_cache_and_packing(tmp_path, monkeypatch):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"body": ["xy", "z"]}), tmp_path / "p.parquet")
-        got = data.load_token_stream([str(tmp_path / "p.parquet")], tokenizer, cache_dir=tmp_path / "cache", text_field="body")
-        assert got.tolist() == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos] + tokenizer("z", add_special_tokens=False)["input_ids"] + [eos]
+        got = data.load_token_stream(
+            [str(tmp_path / "p.parquet")], tokenizer, cache_dir=tmp_path / "cache", text_field="body"
+        )
+        assert got.tolist() == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos] + tokenizer(
+            "z", add_special_tokens=False
+        )["input_ids"] + [eos]
     if importlib.util.find_spec("datasets") is not None:
         import datasets
 
@@ -613,7 +723,9 @@ def test_data_sources_cache_and_packing(tmp_path, monkeypatch):
     builtin = data.load_token_stream(["builtin:pydoc"], tokenizer, cache_dir=tmp_path / "cache", max_tokens=5000)
     assert builtin.numel() == 5000
     with pytest.raises(ValueError, match="no field 'content'"):
-        data.load_token_stream([str(folder / "b.jsonl")], tokenizer, cache_dir=tmp_path / "cache", text_field="content")
+        data.load_token_stream(
+            [str(folder / "b.jsonl")], tokenizer, cache_dir=tmp_path / "cache", text_field="content"
+        )
 
     chunks = data.pack(torch.arange(10), 4)
     assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -627,8 +739,9 @@ def test_micro_batches_are_disjoint_across_processes_and_cover_each_epoch():
     for step in range(2):  # 2 steps x 2 micro x 2 ranks x 3 = 24 = one epoch
         for micro in range(accum):
             for rank in range(world):
-                seen += data.micro_batch_indices(n, step=step, micro=micro, grad_accum=accum, batch_size=bs, world=world,
-                                                 rank=rank, seed=0)  # fmt: skip
+                seen += data.micro_batch_indices(
+                    n, step=step, micro=micro, grad_accum=accum, batch_size=bs, world=world, rank=rank, seed=0
+                )
     assert sorted(seen) == list(range(n))
     again = data.micro_batch_indices(n, step=1, micro=1, grad_accum=accum, batch_size=bs, world=world, rank=1, seed=0)
     assert again == seen[-3:]
@@ -672,7 +785,10 @@ def test_accelerate_configs_parse_against_accelerate(ft):
     assert {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"} <= set(configs)
     for name, path in configs.items():
         first = _command_line(path)
-        assert first.startswith("# accelerate launch --config_file recipes/accelerate/") and "recipes/finetune.py" in first
+        assert (
+            first.startswith("# accelerate launch --config_file recipes/accelerate/")
+            and "recipes/finetune.py" in first
+        )
         config = ClusterConfig.from_yaml_file(str(path))  # unknown top-level keys raise
         for key in config.fsdp_config:
             assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in dests, f"{name}: unknown fsdp key {key}"
@@ -698,12 +814,56 @@ def test_accelerate_launch_two_cpu_processes(random_llama, texts, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--model", str(random_llama), "--output_dir", str(out),
-           "--factor", "4", "--data", str(texts["train"]), "--eval_data", str(texts["eval"]), "--eval_chunks", "2",
-           "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--batch_size", "1", "--grad_accum", "2",
-           "--save_every", "2", "--model_card", "false"]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**ENV, "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(RECIPE),
+        "--model",
+        str(random_llama),
+        "--output_dir",
+        str(out),
+        "--factor",
+        "4",
+        "--data",
+        str(texts["train"]),
+        "--eval_data",
+        str(texts["eval"]),
+        "--eval_chunks",
+        "2",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "1",
+        "--grad_accum",
+        "2",
+        "--save_every",
+        "2",
+        "--model_card",
+        "false",
+    ]
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**ENV, "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"},
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 4

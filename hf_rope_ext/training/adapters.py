@@ -66,7 +66,9 @@ def norm_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if name and ("Norm" in type(module).__name__ or isinstance(module, nn.LayerNorm)) and not _has_norm_child(module)
+        if name
+        and ("Norm" in type(module).__name__ or isinstance(module, nn.LayerNorm))
+        and not _has_norm_child(module)
     ]
 
 

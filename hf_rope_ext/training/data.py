@@ -4,7 +4,8 @@ Sources (a list; each entry is one of):
 
 - a local file: ``.txt`` / ``.md`` (one document per file), ``.jsonl`` / ``.json`` (one document per record, text in
   ``text_field``), ``.parquet`` (column ``text_field``; needs pyarrow);
-- a local folder: every such file inside it (recursively, sorted), or a dataset saved with ``datasets``' ``save_to_disk``;
+- a local folder: every such file inside it (recursively, sorted), or a dataset saved with ``datasets``'
+  ``save_to_disk``;
 - ``builtin:pydoc`` / ``builtin:stdlib``: offline corpora shipped with Python itself (for smoke runs);
 - anything else: a ``datasets`` dataset name for ``datasets.load_dataset`` (needs ``pip install datasets``).
 
@@ -16,6 +17,7 @@ into chunks of any length is then a reshape.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -70,7 +72,9 @@ def resolve_sources(entries: list[str]) -> list[Source]:
         if entry.startswith(BUILTIN_PREFIX):
             name = entry[len(BUILTIN_PREFIX) :]
             if name not in BUILTINS:
-                raise ValueError(f"unknown built-in corpus {entry!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}")
+                raise ValueError(
+                    f"unknown built-in corpus {entry!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+                )
             sources.append(Source("builtin", name))
             continue
         path = Path(entry).expanduser()
@@ -91,19 +95,15 @@ def resolve_sources(entries: list[str]) -> list[Source]:
         else:
             sources.append(Source("hub", entry))
     if any(s.kind in ("hub", "saved_dataset") for s in sources):
-        try:
-            import datasets
-        except ImportError:
+        if importlib.util.find_spec("datasets") is None:
             names = [s.location for s in sources if s.kind in ("hub", "saved_dataset")]
             raise ValueError(
                 f"data {names} is not a local file or folder, so it is read with the `datasets` library, which is not "
                 "installed: pip install datasets (or point data at local .txt/.jsonl/.parquet files)"
-            ) from None
+            )
     if any(s.kind == "file" and s.location.endswith(".parquet") for s in sources):
-        try:
-            import pyarrow.parquet
-        except ImportError:
-            raise ValueError("reading .parquet data needs pyarrow: pip install pyarrow") from None
+        if importlib.util.find_spec("pyarrow") is None:
+            raise ValueError("reading .parquet data needs pyarrow: pip install pyarrow")
     return sources
 
 
@@ -125,7 +125,9 @@ def _records_text(records: Iterator[Any], text_field: str, where: str) -> Iterat
             yield record
         elif isinstance(record, dict):
             if text_field not in record:
-                raise ValueError(f"{where}: record {i} has no field {text_field!r} (fields: {', '.join(record)}); set text_field")
+                raise ValueError(
+                    f"{where}: record {i} has no field {text_field!r} (fields: {', '.join(record)}); set text_field"
+                )
             yield str(record[text_field])
         else:
             raise ValueError(f"{where}: record {i} is neither a string nor an object")
@@ -151,7 +153,9 @@ def _file_documents(path: str, text_field: str) -> Iterator[str]:
 
         table = pq.read_table(path)
         if text_field not in table.column_names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); set text_field")
+            raise ValueError(
+                f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); set text_field"
+            )
         yield from (str(t) for t in table.column(text_field).to_pylist())
 
 
@@ -168,9 +172,13 @@ def _dataset_documents(source: Source, text_field: str, config: str | None, spli
         try:
             ds = datasets.load_dataset(source.location, config, split=split)
         except Exception as err:
-            raise ValueError(f"could not load dataset {source.location!r} (config {config!r}, split {split!r}): {err}") from err
+            raise ValueError(
+                f"could not load dataset {source.location!r} (config {config!r}, split {split!r}): {err}"
+            ) from err
     if text_field not in ds.column_names:
-        raise ValueError(f"dataset {source.location}: no column {text_field!r} (columns: {', '.join(ds.column_names)})")
+        raise ValueError(
+            f"dataset {source.location}: no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
     for row in ds:
         yield str(row[text_field])
 
@@ -233,7 +241,7 @@ def tokenize_documents(
     batch_docs: int = 64,
     desc: str = "tokenising",
 ) -> torch.Tensor:
-    """One flat int64 stream ``[n_tokens]``: each document's tokens (no special tokens) followed by ``separator_id``."""
+    """One flat int64 stream ``[n_tokens]``: each document's tokens (no special tokens), then ``separator_id``."""
     pieces: list[torch.Tensor] = []
     total = 0
     batch: list[str] = []

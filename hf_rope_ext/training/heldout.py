@@ -78,10 +78,16 @@ def heldout_perplexity(
             if mask_token_id is None:
                 raise ValueError("masked perplexity needs mask_token_id")
             ids, labels = mask_for_mlm(
-                ids, mask_token_id=mask_token_id, vocab_size=vocab_size, special_ids=special_ids or [], generator=generator
+                ids,
+                mask_token_id=mask_token_id,
+                vocab_size=vocab_size,
+                special_ids=special_ids or [],
+                generator=generator,
             )
             logits = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits.float()
-            nll = F.cross_entropy(logits.transpose(1, 2), labels.to(device), ignore_index=-100, reduction="none")  # [b, n]
+            nll = F.cross_entropy(
+                logits.transpose(1, 2), labels.to(device), ignore_index=-100, reduction="none"
+            )  # [b, n]
             counted = labels.to(device) != -100
         else:
             nll = _causal_nll(model, ids.to(device))  # [b, n - 1]
@@ -92,7 +98,9 @@ def heldout_perplexity(
         total_tokens += int(counted.sum())
     model.train(was_training)
     mean = total_nll / max(total_tokens, 1)
-    return HeldOutResult(math.exp(mean), mean, total_tokens, min(scored, int(chunks.shape[0])), int(chunks.shape[1]), objective)
+    return HeldOutResult(
+        math.exp(mean), mean, total_tokens, min(scored, int(chunks.shape[0])), int(chunks.shape[1]), objective
+    )
 
 
 def _causal_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -106,6 +114,8 @@ def _causal_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         try:
             return token_nll(model, ids)[:, 1:].to(ids.device)  # position 0 is NaN (nothing predicts it)
         except (AttributeError, TypeError, ValueError) as err:  # a family the chunked head does not handle
-            logger.warning("chunked-head scoring failed for %s (%s); using one plain forward", type(model).__name__, err)
+            logger.warning(
+                "chunked-head scoring failed for %s (%s); using one plain forward", type(model).__name__, err
+            )
     logits = model(input_ids=ids, use_cache=False).logits.float()[:, :-1]  # [b, n - 1, vocab]
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

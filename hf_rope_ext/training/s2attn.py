@@ -84,7 +84,9 @@ def shifted_sparse_attention(
     ratio = getattr(module, _RATIO_ATTR, 0.25)
     g = int(n * ratio)
     if not module.training or key.shape[2] != n or g < 2 or g % 2 or n % g:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if attention_mask is not None:
         raise ValueError(
             "S²-Attn got a padding attention mask; it trains on packed, unpadded chunks only "
@@ -106,7 +108,9 @@ def shifted_sparse_attention(
     mask = (idx[:, None] >= idx[None, :]).expand(m, g, g).clone()  # causal inside each group
     mask[0, :, :s] = False  # nobody attends to the front padding ...
     mask[0, idx[:s], idx[:s]] = True  # ... except the padding queries themselves (their output is dropped; avoids NaN)
-    out_shift = _grouped_causal(pad(query[:, half:]), pad(key[:, half:]), pad(value[:, half:]), g, mask, dropout, scaling)
+    out_shift = _grouped_causal(
+        pad(query[:, half:]), pad(key[:, half:]), pad(value[:, half:]), g, mask, dropout, scaling
+    )
     out_shift = out_shift[:, :, s : s + n]
 
     out = torch.cat([out_plain, out_shift], dim=1)  # [b, h, n, d_v]
