@@ -87,6 +87,25 @@ def test_windows_plan_scores_every_token_once():
             assert scored == [t for t in range(n) if t % window]
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt"])
+def test_chunked_head_matches_a_full_forward_on_other_architectures(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = {"gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
+              "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                               max_position_embeddings=64),
+              "opt": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                          word_embed_proj_dim=64, max_position_embeddings=64)}[model_type]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=200, **kwargs)).eval()
+    ids = torch.randint(3, 200, (1, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    expected = -F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    got = token_nll(model, ids, 1, loss_chunk=7)
+    torch.testing.assert_close(got[0, 1:].double(), expected[0], rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_head_keeps_the_model_own_logit_softcapping():
     from transformers import AutoConfig, AutoModelForCausalLM
 

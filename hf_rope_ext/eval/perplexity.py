@@ -147,9 +147,10 @@ class _PrecomputedBase(nn.Module):
         self.hidden: torch.Tensor | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        # the richest base output: GPT-2-style heads also read `cross_attentions`
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.hidden)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -216,11 +217,22 @@ def token_nll(
         with _layer_bar(base, f"forward over {length} tokens", layer_progress):
             hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
         stand_in = _PrecomputedBase()
+        output_embeddings = model.get_output_embeddings()  # looked up before the swap (OPT asks its base for it)
+        head = None  # set when the LM's forward reaches into its base (OPT's self.model.decoder): use the head alone
         with _swapped(model, prefix, stand_in):
             for a in range(lo, length - 1, loss_chunk):
                 b = min(a + loss_chunk, length - 1)
                 stand_in.hidden = hidden[:, a:b]  # [B, c, H]: predictions for tokens a+1 .. b
-                _score(model(input_ids=input_ids[:, a:b], use_cache=False).logits, input_ids, a, out)  # [B, c, V]
+                if head is None:
+                    try:
+                        logits = model(input_ids=input_ids[:, a:b], use_cache=False).logits  # [B, c, V]
+                    except AttributeError:
+                        head = output_embeddings
+                        logger.info("%s reads its base's submodules; applying its output embeddings directly",
+                                    type(model).__name__)
+                if head is not None:
+                    logits = head(hidden[:, a:b])  # [B, c, V]
+                _score(logits, input_ids, a, out)
     for row, s in enumerate(starts):
         out[row, :s] = float("nan")
     return out
