@@ -1,0 +1,451 @@
+"""Benchmark 2: the cheap testbed — tiny models pretrained from scratch at a short context (scripts/train_testbed.py).
+
+Usage::
+
+    python benchmarks/bench_testbed.py                          # all parts, ~15 min on 2 CPU cores
+    python benchmarks/bench_testbed.py --parts zero_shot        # zero_shot, recovery, tables (comma list)
+    python benchmarks/bench_testbed.py --recover-methods linear,yarn --recover-factors 4,8 --recover-steps 25,50,100,200
+    python benchmarks/bench_testbed.py --report-only
+
+Parts (each resumable: results are written to ``--out`` after every measurement and skipped when already there):
+
+* ``zero_shot`` — the tiny Llama (trained at 256 tokens): every rotary method of the registry patched with factor s
+  and read at s x 256 tokens, s = 2, 4, 8, 16, plus the unpatched model at every length (``none``). Non-overlapping
+  windows over the same first ``--eval-tokens`` tokens of the held-out text (``sliding_window_perplexity``), so every
+  column scores the same tokens. ``longrope`` is given yarn's per-dimension divisors as long factors (see
+  bench_zero_shot.py): NTK-by-parts with LongRoPE's attention factor.
+* ``recovery`` — the fine-tune recipe (``recipes/finetune.py``, full fine-tuning, constant learning rate) at
+  s x 256 tokens for each method in ``--recover-methods`` and factor in ``--recover-factors``; one run per
+  (method, factor), stopped at each of ``--recover-steps`` with ``stop_after`` and resumed, the checkpoint's weights
+  evaluated with the same held-out perplexity as ``zero_shot``.
+* ``tables`` — tiny GPT-2 (causal, learned table) and BERT (masked LM) trained at 128 tokens: every learned-table
+  method of the registry at 2x and 4x zero-shot (BERT: masked-LM perplexity, 15 % of positions, fixed masks), then
+  the recipe at 2x for the recovery steps.
+
+Writes ``benchmarks/results/testbed.json`` and ``testbed_zero_shot.png``, ``testbed_recovery.png``; prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="zero_shot,recovery,tables")
+    p.add_argument("--factors", default="2,4,8,16", help="zero-shot factors for the Llama testbed")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored at every length")
+    p.add_argument("--recover-methods", default="extrapolate,linear,ntk,yarn")
+    p.add_argument("--recover-factors", default="4")
+    p.add_argument("--recover-steps", default="25,50,100")
+    p.add_argument("--recover-lr", type=float, default=5e-4)
+    p.add_argument("--recover-batch", type=int, default=2)
+    p.add_argument("--table-factors", default="2,4")
+    p.add_argument("--table-recover-steps", default="25,50")
+    p.add_argument("--table-archs", default="gpt2,bert")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=str(RESULTS / "testbed.json"))
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def testbed(arch: str) -> Path:
+    tb = load_module(ROOT / "scripts" / "train_testbed.py", "train_testbed")
+    return tb.ensure_testbed(tb.parse_args(["--arch", arch]), log=lambda s: print(s, flush=True))
+
+
+def save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def heldout_ids(folder: Path, tok, n: int):
+    import torch
+
+    ids = torch.tensor(tok((folder / "heldout.txt").read_text())["input_ids"], dtype=torch.long)
+    if ids.numel() < n:
+        raise ValueError(f"held-out text has {ids.numel()} tokens, fewer than --eval-tokens {n}")
+    return ids[:n]
+
+
+def load(folder: Path, arch: str):
+    import transformers as tf
+
+    cls = {"llama": tf.AutoModelForCausalLM, "gpt2": tf.AutoModelForCausalLM, "bert": tf.AutoModelForMaskedLM}[arch]
+    model = cls.from_pretrained(folder)
+    model.eval()
+    return model, tf.AutoTokenizer.from_pretrained(folder)
+
+
+def longrope_params(model, factor: float) -> dict:
+    from hf_rope_ext.methods._rope_base import default_inv_freq
+    from hf_rope_ext.plots import rope_geometry
+    from hf_rope_ext.registry import get_method
+
+    geo = rope_geometry(model)
+    dim, base = int(geo["head_dim"]), float(geo["base"])
+    spec = get_method("yarn")
+    inv, _ = spec.compute(spec.make_params(factor=factor, original_max_position_embeddings=geo["original_length"]),
+                          dim, base)
+    d = (default_inv_freq(dim, base) / inv).tolist()
+    return {"long_factor": d, "short_factor": [1.0] * len(d)}
+
+
+def causal_ppl(model, ids, window: int) -> float:
+    import torch
+
+    from hf_rope_ext.eval import sliding_window_perplexity
+
+    with torch.inference_mode():
+        return sliding_window_perplexity(model, ids, window, progress=False).perplexity
+
+
+def masked_ppl(model, tok, ids, window: int, seed: int = 0) -> float:
+    """exp(mean masked-LM loss) over windows [CLS] x(window-2) [SEP], 15 % of inner positions masked (fixed seed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    inner = window - 2
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.numel() - inner + 1, inner):
+            x = torch.cat([torch.tensor([tok.cls_token_id]), ids[start:start + inner], torch.tensor([tok.sep_token_id])])
+            chosen = torch.rand(window, generator=gen) < 0.15
+            chosen[0] = chosen[-1] = False
+            inputs = x.clone()
+            inputs[chosen] = tok.mask_token_id
+            logits = model(input_ids=inputs[None]).logits[0]
+            nll = torch.nn.functional.cross_entropy(logits[chosen], x[chosen], reduction="sum")
+            total, count = total + float(nll), count + int(chosen.sum())
+    return math.exp(total / count)
+
+
+def ppl(model, tok, ids, window: int, arch: str) -> float:
+    return masked_ppl(model, tok, ids, window) if arch == "bert" else causal_ppl(model, ids, window)
+
+
+# ---------------------------------------------------------------- zero-shot
+def part_zero_shot(args, state, out: Path) -> None:
+    from hf_rope_ext import patch_model, unpatch_model
+    from hf_rope_ext.registry import METHODS
+
+    folder = testbed("llama")
+    model, tok = load(folder, "llama")
+    L = model.config.max_position_embeddings
+    ids = heldout_ids(folder, tok, args.eval_tokens)
+    zs = state.setdefault("zero_shot", {"trained_length": L, "eval_tokens": args.eval_tokens, "rows": {}})
+    factors = [int(f) for f in args.factors.split(",")]
+    rows = zs["rows"]
+    row = rows.setdefault("none", {})
+    for s in [1] + factors:
+        if str(s) not in row:
+            row[str(s)] = causal_ppl(model, ids, s * L)
+    save(out, state)
+    methods = [n for n, spec in METHODS.items() if spec.kind == "rope"]
+    for name in methods:
+        row = rows.setdefault(name, {})
+        for s in factors:
+            if str(s) in row:
+                continue
+            params = longrope_params(model, s) if name == "longrope" else {}
+            patch_model(model, name, factor=s, **params)
+            try:
+                row[str(s)] = causal_ppl(model, ids, s * L)
+            finally:
+                unpatch_model(model)
+        save(out, state)
+        print(f"[zero-shot] {name}: " + ", ".join(f"{k}x {v:.2f}" for k, v in row.items()), flush=True)
+
+
+# ---------------------------------------------------------------- recovery with the recipe
+def recipe_module():
+    return load_module(ROOT / "recipes" / "finetune.py", "hf_rope_ext_recipe_finetune")
+
+
+def checkpoint_model(folder: Path, arch: str, method: str, factor: float, ckpt: Path, params: dict):
+    """A fresh patched model with the checkpoint's trained weights."""
+    from safetensors.torch import load_file
+
+    from hf_rope_ext import patch_model
+
+    model, _ = load(folder, arch)
+    patch_model(model, method, factor=factor, **params)
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model weights in checkpoint {ckpt}: {sorted(p.name for p in ckpt.iterdir())}")
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith(("lm_head.weight", "decoder.weight", "decoder.bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def recover(args, arch: str, folder: Path, method: str, factor: int, steps: list[int], lr: float, workdir: Path,
+            ids, window: int) -> dict:
+    """One recipe run for (method, factor), stopped at every step count; perplexity after each."""
+    import torch
+
+    recipe = recipe_module()
+    model0, _ = load(folder, arch)
+    params = longrope_params(model0, factor) if method == "longrope" else {}
+    del model0
+    run_dir = workdir / f"{arch}-{method}-x{factor}"
+    base = {
+        "model": str(folder), "method": method, "factor": factor, "method_params": params, "train_mode": "full",
+        "data": [str(folder / "train.txt")], "eval_chunks": 0, "eval_before_after": False,
+        "max_steps": max(steps), "batch_size": args.recover_batch, "grad_accum": 1, "lr": lr,
+        "lr_scheduler": "constant", "warmup_steps": 5, "save_every": 0, "keep_checkpoints": 0, "log_every": 1000,
+        "output_dir": str(run_dir), "cache_dir": str(workdir / "tokens"), "model_card": False, "overwrite": True,
+        "save_dtype": "float32",
+    }
+    result: dict = {"steps": {}, "loss_curve": None}
+    done = 0
+    t0 = time.perf_counter()
+    for n in steps:
+        values = dict(base, stop_after=n - done)
+        if done:
+            values.update(resume=True, overwrite=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            res = recipe.run(recipe.options_from_dict(values))
+        if res.stopped:
+            model = checkpoint_model(folder, arch, method, factor, res.checkpoint, params)
+        else:
+            model = res.model
+            model.eval()
+            result["loss_curve"] = res.summary.get("loss_curve")
+            result["tokens_per_s"] = res.summary.get("tokens_per_s")
+        tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+        result["steps"][str(n)] = ppl(model, tok, ids, window, arch)
+        print(f"[recovery] {arch} {method} x{factor} after {n} steps: {result['steps'][str(n)]:.2f}", flush=True)
+        del model
+        torch.manual_seed(0)
+        done = n
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def part_recovery(args, state, out: Path, workdir: Path) -> None:
+    folder = testbed("llama")
+    model, tok = load(folder, "llama")
+    L = model.config.max_position_embeddings
+    ids = heldout_ids(folder, tok, args.eval_tokens)
+    rec = state.setdefault("recovery", {"trained_length": L, "lr": args.recover_lr, "batch": args.recover_batch,
+                                        "runs": {}})
+    steps = [int(x) for x in args.recover_steps.split(",")]
+    for factor in [int(f) for f in args.recover_factors.split(",")]:
+        for method in args.recover_methods.split(","):
+            key = f"{method}|{factor}"
+            if key in rec["runs"] and all(str(n) in rec["runs"][key]["steps"] for n in steps):
+                continue
+            r = recover(args, "llama", folder, method, factor, steps, args.recover_lr, workdir, ids, factor * L)
+            zs = state.get("zero_shot", {}).get("rows", {}).get(method, {}).get(str(factor))
+            r["step0"] = zs
+            rec["runs"][key] = r
+            save(out, state)
+
+
+# ---------------------------------------------------------------- learned tables
+def part_tables(args, state, out: Path, workdir: Path) -> None:
+    from hf_rope_ext import patch_model, unpatch_model
+    from hf_rope_ext.registry import METHODS
+
+    tables = state.setdefault("tables", {})
+    methods = [n for n, spec in METHODS.items() if spec.kind == "absolute"]
+    for arch in args.table_archs.split(","):
+        folder = testbed(arch)
+        model, tok = load(folder, arch)
+        L = model.config.max_position_embeddings if arch == "bert" else model.config.n_positions
+        factors = [int(f) for f in args.table_factors.split(",")]
+        n_tokens = max(factors) * L * 8
+        ids = heldout_ids(folder, tok, n_tokens)
+        t = tables.setdefault(arch, {"trained_length": L, "eval_tokens": n_tokens, "zero_shot": {}, "recovery": {}})
+        row = t["zero_shot"].setdefault("none", {})
+        if "1" not in row:
+            row["1"] = ppl(model, tok, ids, L, arch)
+        for name in methods:
+            row = t["zero_shot"].setdefault(name, {})
+            for s in factors:
+                if str(s) in row:
+                    continue
+                try:
+                    patch_model(model, name, factor=s)
+                except (ValueError, TypeError) as err:
+                    row[str(s)] = f"refused: {str(err)[:160]}"
+                    continue
+                try:
+                    row[str(s)] = ppl(model, tok, ids, s * L, arch)
+                finally:
+                    unpatch_model(model)
+            save(out, state)
+            print(f"[tables] {arch} {name}: {row}", flush=True)
+        steps = [int(x) for x in args.table_recover_steps.split(",")]
+        for name in methods:
+            if not isinstance(t["zero_shot"][name].get(str(factors[0])), float):
+                continue
+            key = f"{name}|{factors[0]}"
+            if key in t["recovery"] and all(str(n) in t["recovery"][key]["steps"] for n in steps):
+                continue
+            try:
+                r = recover(args, arch, folder, name, factors[0], steps, args.recover_lr, workdir, ids,
+                            factors[0] * L)
+            except Exception as err:  # record, keep going
+                r = {"error": f"{type(err).__name__}: {str(err)[:300]}", "steps": {}}
+                print(f"[tables] recovery {arch} {name} failed: {r['error']}", flush=True)
+            r["step0"] = t["zero_shot"][name][str(factors[0])]
+            t["recovery"][key] = r
+            save(out, state)
+
+
+# ---------------------------------------------------------------- report
+def fmt(x) -> str:
+    if isinstance(x, str):
+        return x.split(":")[0]
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.2f}" if x < 1000 else f"{x:.3g}")
+
+
+def report(state: dict, out: Path) -> str:
+    lines = []
+    zs = state.get("zero_shot")
+    if zs:
+        L = zs["trained_length"]
+        cols = sorted({int(k) for r in zs["rows"].values() for k in r})
+        lines += [f"Tiny Llama trained at {L} tokens; PPL on the first {zs['eval_tokens']} held-out tokens, "
+                  f"method patched with factor s and read at s x {L} (none: unpatched).", "",
+                  "| method | " + " | ".join(f"{s}x ({s * L})" for s in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for name, r in zs["rows"].items():
+            lines.append(f"| {name} | " + " | ".join(fmt(r.get(str(s))) for s in cols) + " |")
+    rec = state.get("recovery")
+    if rec and rec["runs"]:
+        steps = sorted({int(k) for r in rec["runs"].values() for k in r["steps"]})
+        lines += ["", f"Recovery with the recipe (full fine-tune, lr {rec['lr']} constant, batch {rec['batch']}), "
+                      "held-out PPL at the new length:", "",
+                  "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " | tokens/s |",
+                  "|---|---:|---:|" + "---:|" * (len(steps) + 1)]
+        for key, r in rec["runs"].items():
+            m, f = key.split("|")
+            lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(fmt(r['steps'].get(str(n))) for n in steps)
+                         + f" | {r.get('tokens_per_s') or 0:.0f} |")
+    for arch, t in state.get("tables", {}).items():
+        cols = sorted({int(k) for r in t["zero_shot"].values() for k in r})
+        what = "masked-LM PPL (15 % masked)" if arch == "bert" else "PPL"
+        lines += ["", f"Tiny {arch} trained at {t['trained_length']} tokens, {what}, zero-shot (none: unpatched at 1x):",
+                  "", "| method | " + " | ".join(f"{s}x" for s in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for name, r in t["zero_shot"].items():
+            lines.append(f"| {name} | " + " | ".join(fmt(r.get(str(s))) for s in cols) + " |")
+        if t["recovery"]:
+            steps = sorted({int(k) for r in t["recovery"].values() for k in r["steps"]})
+            lines += ["", f"{arch} recovery with the recipe (full fine-tune incl. the table):", "",
+                      "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
+                      "|---|---:|---:|" + "---:|" * len(steps)]
+            for key, r in t["recovery"].items():
+                m, f = key.split("|")
+                cells = [fmt(r["steps"].get(str(n))) for n in steps] if r["steps"] else [r.get("error", "")[:80]]
+                lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(cells) + " |")
+    try:
+        draw(state, out)
+    except Exception as err:
+        lines.append(f"\n(plot failed: {err})")
+    return "\n".join(lines)
+
+
+def draw(state: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    zs = state.get("zero_shot")
+    if zs:
+        fig = Figure(figsize=(8, 5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for name, r in zs["rows"].items():
+            xs = sorted(int(k) for k in r)
+            ax.plot(xs, [r[str(x)] for x in xs], marker="o", label=name, linestyle="--" if name == "none" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"length / trained length ({zs['trained_length']})")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("tiny Llama testbed, zero-shot")
+        ax.legend(fontsize=8)
+        fig.savefig(out.with_name(out.stem + "_zero_shot.png"), dpi=110, bbox_inches="tight")
+    rec = state.get("recovery")
+    if rec and rec["runs"]:
+        fig = Figure(figsize=(8, 5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for key, r in rec["runs"].items():
+            xs = [0] + sorted(int(k) for k in r["steps"])
+            ys = [r.get("step0")] + [r["steps"][str(x)] for x in xs[1:]]
+            ax.plot(xs, ys, marker="o", label=key.replace("|", " x"))
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tune steps (recipe)")
+        ax.set_ylabel("held-out perplexity at the new length")
+        ax.set_title("tiny Llama testbed, recovery")
+        ax.legend(fontsize=8)
+        fig.savefig(out.with_name(out.stem + "_recovery.png"), dpi=110, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    state = json.loads(out.read_text()) if out.is_file() else {}
+    if not args.report_only:
+        import platform
+
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        logging.basicConfig(level=logging.WARNING)
+        state["meta"] = {"command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+                         "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                         "torch": torch.__version__}
+        parts = args.parts.split(",")
+        with tempfile.TemporaryDirectory(prefix="bench_testbed_") as tmp:
+            workdir = Path(tmp)
+            if "zero_shot" in parts:
+                part_zero_shot(args, state, out)
+            if "recovery" in parts:
+                part_recovery(args, state, out, workdir)
+            if "tables" in parts:
+                part_tables(args, state, out, workdir)
+        save(out, state)
+    print(report(state, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
