@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/overhead.json")
     args = p.parse_args()
 
+    load_before = os.getloadavg()
     model, tok = load_model(args.model, device=args.device)
     text = "\n\n".join(pydoc_data.topics.topics.values())
     ids = tok(text, return_tensors="pt").input_ids[:, 20000 : 20000 + args.tokens].to(args.device)
@@ -53,19 +55,20 @@ def main() -> None:
     for method in args.methods.split(","):
         t_patch = timed(lambda: patch_model(model, method, args.factor))
         unpatch_model(model)
-        base_f, patched_f, base_g, patched_g = [], [], [], []
+        base_f, patched_f, base_g, patched_g, patch_times = [], [], [], [], []
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                    pad_token_id=tok.eos_token_id)
         for _ in range(args.repeats):
             base_f.append(timed(lambda: model(ids)))
             base_g.append(timed(lambda: model.generate(ids, **gen)))
-            patch_model(model, method, args.factor)
+            patch_times.append(timed(lambda: patch_model(model, method, args.factor)))
             patched_f.append(timed(lambda: model(ids)))
             patched_g.append(timed(lambda: model.generate(ids, **gen)))
             unpatch_model(model)
         row = {
             "method": method,
             "patch_model_ms": round(t_patch * 1000, 2),
+            "patch_model_ms_median": round(statistics.median(patch_times) * 1000, 2),
             "forward_s_unpatched": round(statistics.median(base_f), 4),
             "forward_s_patched": round(statistics.median(patched_f), 4),
             "forward_ratio": round(statistics.median(patched_f) / statistics.median(base_f), 3),
@@ -76,17 +79,22 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
 
+    load_after = os.getloadavg()
+    print(f"\nload average (1/5/15 min) before {load_before}, after {load_after}")
     print(f"\nmodel {args.model}, {args.tokens} tokens, {args.repeats} repeats, {args.new_tokens} new tokens, "
           f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print("| method | patch_model (ms) | forward unpatched (s) | forward patched (s) | ratio | gen tok/s unpatched "
+    print("| method | patch_model first / median (ms) | forward unpatched (s) | forward patched (s) | ratio | gen tok/s unpatched "
           "| gen tok/s patched | speed ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['patch_model_ms']} | {r['forward_s_unpatched']} | {r['forward_s_patched']} | "
+        print(f"| {r['method']} | {r['patch_model_ms']} / {r['patch_model_ms_median']} | {r['forward_s_unpatched']} | {r['forward_s_patched']} | "
               f"{r['forward_ratio']} | {r['gen_tok_s_unpatched']} | {r['gen_tok_s_patched']} | {r['gen_ratio']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "date": time.strftime("%Y-%m-%d")}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                          "load_average_before": load_before, "load_average_after": load_after,
+                                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                                          "torch": torch.__version__}, indent=2))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recover-lr", type=float, default=5e-4)
     p.add_argument("--recover-batch", type=int, default=2)
     p.add_argument("--table-factors", default="2,4")
-    p.add_argument("--table-recover-steps", default="25,50")
+    p.add_argument("--table-recover-steps", default="25,50,100")
+    p.add_argument("--table-lr", type=float, default=1e-4, help="recipe learning rate for GPT-2 / BERT")
     p.add_argument("--table-archs", default="gpt2,bert")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(RESULTS / "testbed.json"))
@@ -249,7 +250,10 @@ def recover(args, arch: str, folder: Path, method: str, factor: int, steps: list
             result["tokens_per_s"] = res.summary.get("tokens_per_s")
         tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
         result["steps"][str(n)] = ppl(model, tok, ids, window, arch)
-        print(f"[recovery] {arch} {method} x{factor} after {n} steps: {result['steps'][str(n)]:.2f}", flush=True)
+        # the same weights read at the trained length: separates long-context recovery from plain extra training
+        result.setdefault("short", {})[str(n)] = ppl(model, tok, ids, window // factor, arch)
+        print(f"[recovery] {arch} {method} x{factor} after {n} steps: {result['steps'][str(n)]:.2f} "
+              f"(at the trained length {window // factor}: {result['short'][str(n)]:.2f})", flush=True)
         del model
         torch.manual_seed(0)
         done = n
@@ -319,7 +323,7 @@ def part_tables(args, state, out: Path, workdir: Path) -> None:
             if key in t["recovery"] and all(str(n) in t["recovery"][key]["steps"] for n in steps):
                 continue
             try:
-                r = recover(args, arch, folder, name, factors[0], steps, args.recover_lr, workdir, ids,
+                r = recover(args, arch, folder, name, factors[0], steps, args.table_lr, workdir, ids,
                             factors[0] * L)
             except Exception as err:  # record, keep going
                 r = {"error": f"{type(err).__name__}: {str(err)[:300]}", "steps": {}}
@@ -358,6 +362,16 @@ def report(state: dict, out: Path) -> str:
             m, f = key.split("|")
             lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(fmt(r['steps'].get(str(n))) for n in steps)
                          + f" | {r.get('tokens_per_s') or 0:.0f} |")
+        if any(r.get("short") for r in rec["runs"].values()):
+            base = state.get("zero_shot", {}).get("rows", {}).get("none", {}).get("1")
+            lines += ["", f"The same checkpoints read at the trained length {rec['trained_length']} (step 0: the "
+                          "pretrained model); the gap to the table above is what the new length still costs:", "",
+                      "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
+                      "|---|---:|---:|" + "---:|" * len(steps)]
+            for key, r in rec["runs"].items():
+                m, f = key.split("|")
+                lines.append(f"| {m} | {f} | {fmt(base)} | "
+                             + " | ".join(fmt(r.get("short", {}).get(str(n))) for n in steps) + " |")
     for arch, t in state.get("tables", {}).items():
         cols = sorted({int(k) for r in t["zero_shot"].values() for k in r})
         what = "masked-LM PPL (15 % masked)" if arch == "bert" else "PPL"
@@ -367,12 +381,15 @@ def report(state: dict, out: Path) -> str:
             lines.append(f"| {name} | " + " | ".join(fmt(r.get(str(s))) for s in cols) + " |")
         if t["recovery"]:
             steps = sorted({int(k) for r in t["recovery"].values() for k in r["steps"]})
-            lines += ["", f"{arch} recovery with the recipe (full fine-tune incl. the table):", "",
+            lr = state.get("meta", {}).get("table_lr")
+            lines += ["", f"{arch} recovery with the recipe (full fine-tune incl. the table, lr {lr} constant), PPL at "
+                          "the new length (in brackets: the same weights at the trained length):", "",
                       "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
                       "|---|---:|---:|" + "---:|" * len(steps)]
             for key, r in t["recovery"].items():
                 m, f = key.split("|")
-                cells = [fmt(r["steps"].get(str(n))) for n in steps] if r["steps"] else [r.get("error", "")[:80]]
+                cells = ([fmt(r["steps"].get(str(n))) + (f" ({fmt(r['short'][str(n)])} at 1x)" if r.get("short") else "")
+                          for n in steps] if r["steps"] else [r.get("error", "")[:80]])
                 lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(cells) + " |")
     try:
         draw(state, out)
@@ -432,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         state["meta"] = {"command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
                          "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                         "torch": torch.__version__}
+                         "torch": torch.__version__, "table_lr": args.table_lr}
         parts = args.parts.split(",")
         with tempfile.TemporaryDirectory(prefix="bench_testbed_") as tmp:
             workdir = Path(tmp)
