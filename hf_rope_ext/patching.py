@@ -370,6 +370,16 @@ def _wrap_generate(model: nn.Module) -> None:
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
+        gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        if (
+            kwargs.get("max_new_tokens") is None
+            and kwargs.get("max_length") is None
+            and getattr(gen_config, "max_new_tokens", None) is None
+            and getattr(gen_config, "max_length", None) is None
+        ):
+            # transformers' default (20 new tokens) is capped at config.max_position_embeddings, which dynamic types
+            # keep at the ORIGINAL length: a prompt past it would be refused. Ask for the 20 tokens explicitly.
+            kwargs["max_new_tokens"] = 20
         length = _generation_length(model, args, kwargs)
         if length is None:
             return original(*args, **kwargs)

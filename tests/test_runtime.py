@@ -51,6 +51,17 @@ def test_cached_generation_past_the_original_length_matches_a_full_forward(metho
     assert rotary.rope_type == model.config.rope_parameters["rope_type"]
 
 
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_dynamic_generation_without_max_new_tokens_past_the_original_length(method):
+    """transformers caps its default max_length at config.max_position_embeddings, which dynamic types keep at the
+    original length; a patched model still generates its default 20 tokens after a longer prompt."""
+    model = tiny_model("llama")
+    patch_model(model, method, 4)
+    prompt = torch.randint(3, VOCAB, (1, ORIGINAL_LEN + 36))
+    out = model.generate(prompt, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape[1] == prompt.shape[1] + 20
+
+
 def test_static_method_generation_with_and_without_cache_agree():
     model = tiny_model("qwen2")
     patch_model(model, "yarn", 4)
