@@ -7,7 +7,6 @@ The unpatched model is the method ``"none"`` (for a rotary model past its traine
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import patch_info, patch_model, unpatch_model
 from ..registry import get_method
+from .io import save_json
 from .passkey import DEFAULT_DEPTHS, passkey_accuracy
 from .perplexity import PerplexityReport, length_dependent_positions, perplexity_at_lengths
 from .retrieval import RetrievalReport
@@ -80,10 +80,7 @@ class CompareReport:
         return {"kind": "compare", **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return save_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareReport:

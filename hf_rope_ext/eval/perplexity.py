@@ -22,7 +22,6 @@ at a time through the model's own head code (so logit soft-capping or scaling of
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .io import save_json
 from .text import Text, load_text, take_tokens, tokenize
 
 logger = logging.getLogger(__name__)
@@ -111,10 +111,7 @@ class PerplexityReport:
         return {"kind": "perplexity", **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
-        return path
+        return save_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PerplexityReport:

@@ -10,7 +10,6 @@ token position is recorded so a test can check the depth.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .io import save_json
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class RetrievalReport:
         return {"kind": "retrieval", **asdict(self), "overall_accuracy": self.overall_accuracy}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return save_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetrievalReport:
