@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,17 +12,19 @@ import torch
 
 _RELOAD = textwrap.dedent(
     """
-    import json, sys, torch
+    import sys, torch
     {imports}
     from transformers import {auto_class}
     assert ("hf_rope_ext" in sys.modules) == {expect_plugin}, "plugin import state is not what the test expects"
-    model = {auto_class}.from_pretrained({path!r}).eval()
     ids = torch.load({ids_path!r})
-    with torch.no_grad():
-        out = model(ids, **{forward_kwargs})
-    tensor = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-    torch.save(tensor, {out_path!r})
-    print(json.dumps({{"config_max": getattr(model.config, "max_position_embeddings", None)}}))
+    results = {{}}
+    for path in {paths!r}:
+        model = {auto_class}.from_pretrained(path).eval()
+        with torch.no_grad():
+            out = model(ids, **{forward_kwargs})
+        logits = getattr(out, "logits", None)
+        results[path] = logits if logits is not None else out.last_hidden_state
+    torch.save(results, {out_path!r})
     """
 )
 
@@ -34,55 +35,6 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def reload_outputs(
-    path: str | Path,
-    input_ids: torch.Tensor,
-    *,
-    auto_class: str = "AutoModelForCausalLM",
-    import_plugin: bool = False,
-    forward_kwargs: str = "{}",
-) -> torch.Tensor:
-    """Logits (or last hidden state) of the model saved at ``path`` on ``input_ids``, computed in a subprocess that
-    does (``import_plugin=True``) or does not import hf_rope_ext."""
-    path = Path(path)
-    ids_path, out_path = path / "_ids.pt", path / "_out.pt"
-    torch.save(input_ids, ids_path)
-    code = _RELOAD.format(
-        imports="import hf_rope_ext" if import_plugin else "",
-        auto_class=auto_class,
-        expect_plugin=import_plugin,
-        path=str(path),
-        ids_path=str(ids_path),
-        out_path=str(out_path),
-        forward_kwargs=forward_kwargs,
-    )
-    proc = run_python(code)
-    if proc.returncode != 0:
-        raise RuntimeError(f"reload failed:\n{proc.stderr[-3000:]}")
-    json.loads(proc.stdout.strip().splitlines()[-1])
-    result = torch.load(out_path)
-    ids_path.unlink()
-    out_path.unlink()
-    return result
-
-
-_RELOAD_MANY = textwrap.dedent(
-    """
-    import sys, torch
-    {imports}
-    from transformers import {auto_class}
-    assert ("hf_rope_ext" in sys.modules) == {expect_plugin}
-    ids = torch.load({ids_path!r})
-    results = {{}}
-    for path in {paths!r}:
-        model = {auto_class}.from_pretrained(path).eval()
-        with torch.no_grad():
-            results[path] = model(ids).logits
-    torch.save(results, {out_path!r})
-    """
-)
-
-
 def reload_logits_many(
     paths: list[str],
     input_ids: torch.Tensor,
@@ -90,20 +42,31 @@ def reload_logits_many(
     *,
     auto_class: str = "AutoModelForCausalLM",
     import_plugin: bool = False,
+    forward_kwargs: str = "{}",
 ) -> dict[str, torch.Tensor]:
-    """Like ``reload_outputs`` for several saved models in ONE fresh process (saves interpreter start-ups)."""
+    """Logits (or last hidden state) of each model saved at ``paths`` on ``input_ids``, computed in ONE fresh process
+    that does (``import_plugin=True``) or does not import hf_rope_ext."""
     workdir = Path(workdir)
     ids_path, out_path = workdir / "_ids.pt", workdir / "_out.pt"
     torch.save(input_ids, ids_path)
-    code = _RELOAD_MANY.format(
+    code = _RELOAD.format(
         imports="import hf_rope_ext" if import_plugin else "",
         auto_class=auto_class,
         expect_plugin=import_plugin,
         ids_path=str(ids_path),
         out_path=str(out_path),
         paths=[str(p) for p in paths],
+        forward_kwargs=forward_kwargs,
     )
     proc = run_python(code, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"reload failed:\n{proc.stderr[-3000:]}")
-    return torch.load(out_path)
+    results = torch.load(out_path)
+    ids_path.unlink()
+    out_path.unlink()
+    return results
+
+
+def reload_outputs(path: str | Path, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``reload_logits_many`` for one saved model (its files stay as they were)."""
+    return reload_logits_many([str(path)], input_ids, path, **kwargs)[str(path)]
