@@ -8,10 +8,11 @@ __version__ = "0.1.0"
 
 from . import methods as _methods  # noqa: F401,E402  (registers the built-in methods)
 from . import serialization as _serialization  # noqa: E402
-from . import patching_tables as _patching_tables  # noqa: F401,E402  (the learned-table backend)
+from .backends import attention_kernel as _attention_kernel  # noqa: E402
 from .patching import freeze_rope_length, patch_info, patch_model, unpatch_model  # noqa: E402
 from .registry import list_methods, register_method  # noqa: E402
 
 _serialization.register_all()
+_attention_kernel.register()  # attn_implementation "hf_rope_ext" / "hf_rope_ext_eager"
 
 __all__ = ["patch_model", "unpatch_model", "patch_info", "list_methods", "register_method", "freeze_rope_length"]

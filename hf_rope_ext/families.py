@@ -238,3 +238,61 @@ def rope_layer_prefixes(
             f"unknown layer type(s) {unknown} for {config.model_type!r}; this model has: {', '.join(available)}"
         )
     return chosen
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# attention-level methods
+
+ATTENTION_MODEL_TYPES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "phi3",
+    "smollm3",
+    "gpt_neox",
+)
+"""Model types verified for attention-level methods (each against a naive reference in the tests): their attention
+modules keep ``layer_idx``, rotate the first ``rot_dim`` dimensions of q and k in the rotate-half layout, and pass
+``scaling`` (Gemma-2: also ``softcap``) to the attention function."""
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every self-attention module (class name ``*Attention`` with an int ``layer_idx`` and a config)."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention")
+        and isinstance(getattr(m, "layer_idx", None), int)
+        and getattr(m, "config", None) is not None
+    ]
+
+
+def attention_layer(config: Any, module: nn.Module) -> tuple[bool, str | None, str]:
+    """How an attention-level method treats one attention layer: (applies, rope_parameters key, reason if not).
+
+    Sliding-window layers (Gemma-2/3 local layers) never see a distance past their window and NoPE layers (SmolLM3)
+    have no positions: both stay as they are. Per-layer-type rope (Gemma-3) gives the key of the layer's entry."""
+    if not getattr(module, "use_rope", True):
+        return False, None, "no rotary positions (NoPE layer)"
+    layer_types = getattr(config, "layer_types", None)
+    layer_type = layer_types[module.layer_idx] if layer_types else None
+    if layer_type is not None and layer_type != "full_attention":
+        return False, None, f"layer type {layer_type!r}"
+    if layer_type is None and getattr(config, "sliding_window", None) is not None:
+        return False, None, f"sliding window of {config.sliding_window} tokens"
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    prefix = layer_type if isinstance(rope_parameters.get(layer_type or ""), dict) else None
+    return True, prefix, ""
+
+
+def rotary_geometry(config: Any, prefix: str | None) -> tuple[int, float]:
+    """(rotated dimensions per head, rope_theta) of a layer's rotary encoding, read from the config the way the
+    models' ``compute_default_rope_parameters`` read it."""
+    rp = config.rope_parameters[prefix] if prefix else config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * rp.get("partial_rotary_factor", 1.0)), float(rp["rope_theta"])

@@ -1,8 +1,9 @@
 """The method registry: every extension method, built-in or user-defined, registers itself here by name.
 
 A method is a pure function plus a parameter dataclass. Rotary ("rope") methods compute inverse frequencies;
-learned-table ("absolute") methods compute a new position-embedding table. The patching code looks methods up here and
-never branches on a method's name.
+learned-table ("absolute") methods compute a new position-embedding table; attention-level ("attention") methods
+describe which position each query and key takes in each part of the attention map (ReRoPE, Self-Extend, DCA). The
+patching code looks methods up here and never branches on a method's name.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["rope", "absolute"]
-KINDS: tuple[str, ...] = ("rope", "absolute")
+Kind = Literal["rope", "absolute", "attention"]
+KINDS: tuple[str, ...] = ("rope", "absolute", "attention")
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,15 @@ class MethodSpec:
     name: str
     """Lowercase unique name used in ``patch_model(model, method=name)``."""
     kind: Kind
-    """``"rope"`` for rotary models, ``"absolute"`` for learned position tables."""
+    """``"rope"`` for rotary frequencies, ``"absolute"`` for learned position tables, ``"attention"`` for methods that
+    change which relative position each query-key pair sees (rotary models, original frequencies)."""
     params_cls: type
-    """Dataclass of the method's parameters (rope: subclass of ``RopeParams``; absolute: ``TableParams``)."""
+    """Dataclass of the method's parameters (rope: subclass of ``RopeParams``; absolute: ``TableParams``;
+    attention: ``AttentionParams``)."""
     compute: Callable[..., Any]
     """rope: ``(params, dim, base, device=None, seq_len=None) -> (inv_freq [dim/2] float32, attention_factor)``;
-    absolute: ``(old_weight [n, h], new_len, params) -> new_weight [new_len, h]``."""
+    absolute: ``(old_weight [n, h], new_len, params) -> new_weight [new_len, h]``;
+    attention: ``(params) -> AttentionLayout`` (branches of the attention map, see ``methods._attention_base``)."""
     description: str
     """One line for ``list_methods()`` and ``hf-rope-ext methods``."""
     native: Callable[..., dict[str, Any]] | None = None
@@ -86,7 +90,7 @@ def register_method(
         raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"params for method '{name}' must be a dataclass type, got {params!r}")
-    if kind == "absolute" and (native is not None or dynamic):
+    if kind != "rope" and (native is not None or dynamic):
         raise ValueError("'native' and 'dynamic' apply to rope methods only")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -5,6 +5,10 @@ from . import (  # noqa: F401
     absolute_hierarchical,
     absolute_interpolate,
     absolute_sinusoidal,
+    attention_dca,
+    attention_leaky_rerope,
+    attention_rerope,
+    attention_self_extend,
     rope_dynamic_ntk,
     rope_dynamic_yarn,
     rope_extrapolate,
@@ -15,7 +19,8 @@ from . import (  # noqa: F401
     rope_ntk_by_parts,
     rope_yarn,
 )
+from ._attention_base import AttentionLayout, AttentionParams, Branch
 from ._rope_base import RopeParams, default_inv_freq
 from ._table_base import TableParams
 
-__all__ = ["RopeParams", "TableParams", "default_inv_freq"]
+__all__ = ["AttentionLayout", "AttentionParams", "Branch", "RopeParams", "TableParams", "default_inv_freq"]

@@ -20,6 +20,10 @@ class RopeParams:
     """Scale s = new context length / original context length (> 1)."""
     original_max_position_embeddings: int
     """Context length the model was pre-trained at (L)."""
+    logn: bool = False
+    """Also multiply each query at position p by max(1, log(p + 1) / log(L)) (log-n scaling, Su 2023,
+    https://kexue.fm/archives/8823; Qwen-7B's ``use_logn_attn``). Done by the attention backend, inference only;
+    stock transformers and serving engines do not know it (a saved model names the attention implementation)."""
 
     def validate(self) -> None:
         if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or self.factor <= 1:
@@ -31,6 +35,8 @@ class RopeParams:
                 "original_max_position_embeddings must be a positive int, "
                 f"got {self.original_max_position_embeddings!r}"
             )
+        if not isinstance(self.logn, bool):
+            raise ValueError(f"logn must be True or False, got {self.logn!r}")
         self.factor = float(self.factor)
         self.original_max_position_embeddings = int(self.original_max_position_embeddings)
 

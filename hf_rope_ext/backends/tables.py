@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import families, patching, registry
+from .. import families, registry
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,9 @@ class _TablePlan:
     config_updates: dict[str, int]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def needs_generate_wrapper(self, model: nn.Module) -> bool:
+        return False
+
     def apply(self) -> None:
         for change in self.tables:
             current = getattr(change.modules[0], change.name)
@@ -266,14 +269,21 @@ def plan(
     spec: registry.MethodSpec,
     params: Any,
     new_len: int,
+    *,
     layer_types: Any,
     existing: dict[str, Any] | None,
+    attn_implementation: str | None = None,
 ) -> _TablePlan:
     """Check everything and compute every new tensor; nothing on the model changes until ``apply()``."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if layer_types:
         raise ValueError(f"layer_types applies only to models with per-layer-type rope, not {model_type!r}")
+    if attn_implementation is not None:
+        raise ValueError(
+            "attn_implementation applies only to attention-level methods and logn=True on rotary models, "
+            f"not to {model_type!r}'s position table"
+        )
     formula = family.formula(config)
     needs_formula = bool(getattr(spec.params_cls, "needs_formula", False))
     if needs_formula and formula is None:
@@ -468,5 +478,3 @@ def undo(model: nn.Module, meta: dict[str, Any]) -> None:
     for key, value in meta["original_config"].items():
         setattr(config, key, value)
 
-
-patching.BACKENDS["absolute"] = patching.Backend(original_length, plan, undo)
