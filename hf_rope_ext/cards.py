@@ -812,7 +812,17 @@ def _extension_table(saved: SavedModel, base_model: str | None, spec: Any) -> st
     rows.append(("extended context", f"{meta['max_position_embeddings']} tokens"))
     rows.append(("factor", f"{_fmt_factor(meta.get('factor'))}×"))
     kind = meta.get("kind", "rope")
-    rows.append(("position encoding", {"rope": "rotary (RoPE)", "absolute": "learned position table"}.get(kind, kind)))
+    rows.append((
+        "position encoding",
+        {
+            "rope": "rotary (RoPE)",
+            "absolute": "learned position table",
+            "attention": "rotary (RoPE), original frequencies; relative positions changed in attention",
+        }.get(kind, kind),
+    ))
+    if meta.get("attention"):
+        rows.append(("attention implementation", f"`{meta['attention']['implementation']}` (hf_rope_ext)"
+                     + (", with log-n query scaling" if (meta.get("parameters") or {}).get("logn") else "")))
     written = meta.get("rope_parameters_written")
     if written:
         text = ", ".join(
@@ -1133,7 +1143,27 @@ def _limitations(saved: SavedModel, template: str, results: Results) -> list[str
                 "model.generate(...)`. Serving engines each handle this their own way."
             )
     written = {str(t) for t in (meta.get("rope_parameters_written") or {}).values()}
-    if meta.get("requires_plugin"):
+    attention = meta.get("attention")
+    if attention:
+        name = attention["implementation"]
+        items.append(
+            f"Attention: config.json sets `attn_implementation: {name}`, the attention function hf_rope_ext "
+            "registers. `import hf_rope_ext` before `from_pretrained` gives the extended model; without the plugin "
+            f"transformers refuses to load it (\"attn_implementation={name} is not supported\") rather than load "
+            "something else. `from_pretrained(..., attn_implementation=\"sdpa\")` loads the original model on purpose."
+        )
+        if meta.get("kind") == "attention":
+            items.append(
+                "Serving engines (vLLM, SGLang, TGI, llama.cpp) ignore `attn_implementation`: they read this "
+                f"config as the original model at its trained length of {original} tokens (config.json keeps "
+                f"`max_position_embeddings` {original} and the original rope parameters), which is the same model "
+                f"as the extended one for inputs shorter than {attention.get('exact_below', '?')} tokens; the "
+                "extension itself runs only in transformers with the plugin."
+            )
+        else:
+            items.append("Serving engines ignore `attn_implementation`: they run the rope scaling below without the "
+                         "log-n query scaling.")
+    if meta.get("requires_plugin") and not attention:
         types = ", ".join(f"`{t}`" for t in sorted(written)) or "its rope type"
         items.append(
             f"config.json names {types}, which only exists once `import hf_rope_ext` has run (hf_rope_ext "

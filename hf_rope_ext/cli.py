@@ -42,7 +42,12 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _methods_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["rope", "absolute"], help="only methods for this kind of model")
+    p.add_argument(
+        "--kind",
+        choices=["rope", "absolute", "attention"],
+        help="only methods of this kind (rope: rotary frequencies; absolute: position tables; attention: "
+        "attention-level methods for rotary models)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -70,6 +75,11 @@ def add_patch_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--original-length", type=int, help="length the model was trained at (default: from its config)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable")
     p.add_argument("--layer-types", help="per-layer-type rope (Gemma-3): comma-separated layer types to patch")
+    p.add_argument(
+        "--attn-implementation",
+        choices=["sdpa", "eager"],
+        help="attention-level methods and --param logn=true: the attention they run on (default: the model's)",
+    )
 
 
 def patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,6 +91,8 @@ def patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
     if getattr(args, "layer_types", None):
         kwargs["layer_types"] = args.layer_types.split(",")
+    if getattr(args, "attn_implementation", None):
+        kwargs["attn_implementation"] = args.attn_implementation
     return kwargs
 
 

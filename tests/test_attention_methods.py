@@ -197,3 +197,228 @@ def test_matches_naive_reference_families(model_type, method):
     want = reference_logits(model, method, SETTINGS[method], ids, mask, positions)
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_long_unpadded_input_matches_reference(method, monkeypatch):
+    """No padding: the fused path (full / causal / masked pieces per query block, merged by log-sum-exp) is used.
+    Small query blocks make every kind of piece occur at this length."""
+    from hf_rope_ext.backends import attention_kernel
+
+    monkeypatch.setattr(attention_kernel, "QUERY_BLOCK", 8)
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (1, 120), generator=g)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(120)[None]
+    patch_model(model, method, factor=2, **SETTINGS[method])
+    with torch.no_grad():
+        got = model(ids).logits
+    unpatch_model(model)
+    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_below_the_window_identical_to_the_unpatched_model(method):
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 16))  # every window/chunk in SETTINGS is >= 16
+    with torch.no_grad():
+        before = model(ids).logits
+        patch_model(model, method, factor=2, **SETTINGS[method])
+        during = model(ids).logits
+        # and with a window as long as the input
+        unpatch_model(model)
+        after = model(ids).logits
+    assert torch.equal(before, during)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_unpatch_restores_the_original_model_exactly(method):
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    with torch.no_grad():
+        before = model(ids).logits
+        patch_model(model, method, factor=2, **SETTINGS[method])
+        changed = model(ids).logits
+        assert model.config._attn_implementation == "hf_rope_ext"
+        unpatch_model(model)
+        after = model(ids).logits
+    assert not torch.allclose(before, changed)
+    assert torch.equal(before, after)
+    assert model.config._attn_implementation == "sdpa"
+    assert "attn_implementation" not in model.config.to_dict()
+    assert patch_info(model) is None
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_cached_generation_across_the_window_equals_an_uncached_forward(method):
+    model = tiny_model("llama")
+    patch_model(model, method, factor=2, **SETTINGS[method])
+    prompt = torch.randint(3, VOCAB, (1, 10))  # below every window; generation crosses windows and L = 64
+    new = 90
+    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    steps = torch.stack(out.logits, dim=1)[0]  # [new, vocab]
+    with torch.no_grad():
+        full = model(out.sequences[:, :-1]).logits[0, prompt.shape[1] - 1 :]
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_left_padded_generation_equals_single_rows():
+    model = tiny_model("llama")
+    patch_model(model, "self_extend", factor=2, **SETTINGS["self_extend"])
+    long_row = torch.randint(3, VOCAB, (1, 70))
+    short_row = torch.randint(3, VOCAB, (1, 60))
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, 10, dtype=torch.long), short_row], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :10] = 0
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    together = model.generate(batch, attention_mask=mask, **kw)
+    for row, single in ((0, long_row), (1, short_row)):
+        alone = model.generate(single, **kw)
+        assert torch.equal(together.sequences[row, -12:], alone.sequences[0, -12:])
+        torch.testing.assert_close(torch.stack(together.logits, 1)[row], torch.stack(alone.logits, 1)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_close_to_fp32():
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    patch_model(model, "dca", factor=2, **SETTINGS["dca"])
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        model.to(torch.bfloat16)
+        bf16 = model(ids).logits.float()
+    assert torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+def test_logn_on_a_rotary_method_matches_reference():
+    """yarn with logn: every query at position p >= L scaled by log(p + 1) / log(L), the frequencies yarn's."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    with torch.no_grad():
+        patch_model(model, "yarn", factor=2)
+        plain = model(ids).logits
+        patch_model(model, "yarn", factor=2, logn=True, repatch=True)
+        got = model(ids).logits
+        # reference: scale the queries by hand with a pre-hook on every q_proj output
+        unpatch_model(model)
+        patch_model(model, "yarn", factor=2)
+        scale = (torch.log(torch.arange(100, dtype=torch.float64) + 1) / math.log(L)).clamp(min=1).float()
+        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: out * scale[None, :, None])
+                 for layer in model.model.layers]
+        want = model(ids).logits
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[:, :L], plain[:, :L])  # inside the trained length: no scaling at all
+    assert not torch.allclose(got[:, L:], plain[:, L:])
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_logn_on_attention_methods_matches_reference(method):
+    model = tiny_model("llama")
+    ids, mask, positions = left_padded_batch(100)
+    patch_model(model, method, factor=2, logn=True, **SETTINGS[method])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, position_ids=positions).logits
+    unpatch_model(model)
+    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions, logn=True)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_save_and_reload_with_and_without_the_plugin(tmp_path):
+    from .utils import run_python
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    patch_model(model, "dca", factor=2, **SETTINGS["dca"])
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "m")
+    torch.save(ids, tmp_path / "ids.pt")
+    code = f"""
+import torch, hf_rope_ext
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r}).eval()
+assert m.config._attn_implementation == "hf_rope_ext", m.config._attn_implementation
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+print(hf_rope_ext.patch_info(m)["method"])
+hf_rope_ext.unpatch_model(m)
+assert m.config._attn_implementation == "sdpa"
+"""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("dca")
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-5)
+    # without the plugin: a clear failure, not a silently different model
+    proc = run_python(f"from transformers import AutoModelForCausalLM\n"
+                      f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})")
+    assert proc.returncode != 0
+    assert "hf_rope_ext" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "method, params, message",
+    [
+        ("rerope", dict(window=64), "window must be >= 1 and < 64"),
+        ("leaky_rerope", dict(window=16, leak=1.0), "leak must be > 1"),
+        ("leaky_rerope", dict(window=16, leak=float("inf")), "leak must be a finite number"),
+        ("self_extend", dict(group_size=0), "group_size must be >= 1"),
+        ("self_extend", dict(group_size=1, window=16), "reaches (L - W) * G + W = (64 - 16) * 1 + 16 = 64"),
+        ("self_extend", dict(window=100), "window must be >= 1 and < 64"),
+        ("dca", dict(chunk_size=65), "it may not exceed the original length 64"),
+        ("dca", dict(chunk_size=40, local_window=40), "local_window must be >= 0 and < 40"),
+        ("rerope", dict(window="16"), "window must be an int"),
+        ("dca", dict(logn="yes"), "logn must be True or False"),
+        ("yarn", dict(logn=1), "logn must be True or False"),
+        ("rerope", dict(attn_implementation="flash_attention_2"), "choose one of: sdpa, eager"),
+        ("yarn", dict(attn_implementation="eager"), "attn_implementation applies only"),
+    ],
+)
+def test_bad_input_is_refused_before_any_change(method, params, message):
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 80))
+    with torch.no_grad():
+        before = model(ids).logits
+    config_before = model.config.to_dict()
+    with pytest.raises(ValueError) as err:
+        patch_model(model, method, factor=2, **params)
+    assert message in str(err.value)
+    assert model.config.to_dict() == config_before
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_unsupported_family_and_sliding_window_models_are_refused_by_name():
+    model = tiny_model("olmo")
+    with pytest.raises(ValueError, match="not supported for 'olmo' yet; attention-level methods .* verified for: llama"):
+        patch_model(model, "dca", factor=2)
+    assert patch_info(model) is None
+    mistral = tiny_model("mistral", sliding_window=32)
+    with pytest.raises(ValueError, match="sliding window of 32 tokens"):
+        patch_model(mistral, "self_extend", factor=2)
+    assert mistral.config._attn_implementation == "sdpa"
+    gemma2 = tiny_model("gemma2")
+    gemma2.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        patch_model(gemma2, "dca", factor=2, attn_implementation="sdpa")
+
+
+def test_attention_method_keeps_the_config_servable_at_the_original_length():
+    model = tiny_model("llama")
+    original = model.config.to_dict()
+    patch_model(model, "rerope", factor=4)
+    config = model.config.to_dict()
+    assert config["rope_parameters"] == original["rope_parameters"]
+    assert config["max_position_embeddings"] == L
+    assert config["attn_implementation"] == "hf_rope_ext"
+    info = patch_info(model)
+    assert info["max_position_embeddings"] == 4 * L and info["kind"] == "attention"
+    assert info["parameters"]["window"] == L // 4  # the default, resolved and recorded

@@ -44,6 +44,10 @@ BASES: dict[str, str] = {name: base for base, name in NAMES.items()}
 BLOCK_BYTES = 256 * 2**20
 """Budget for one query block's float32 score map [batch, heads, block, keys]; the block size follows from it."""
 
+QUERY_BLOCK = 512
+"""Queries per block on the fused CPU path: each branch's part of a block splits into key columns inside every row's
+interval (no mask: the fused kernel at full speed) and the few edge columns around the interval's ends (masked)."""
+
 _CACHE = "_hf_rope_ext_attention"  # on an attention module: (meta it was built from, LayerSettings)
 
 
@@ -137,7 +141,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, *, _base: s
         softcap=kwargs.get("softcap"),
         dropout=float(kwargs.get("dropout") or 0.0) if module.training else 0.0,
     )
-    return out.transpose(1, 2).contiguous(), None  # [B, q, H, D] like transformers' attention functions
+    return out, None
 
 
 def sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs: Any):
@@ -187,6 +191,20 @@ def _row_offsets(q_pos: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
     return q_index[at] - q_pos.gather(1, at[:, None])[:, 0]
 
 
+def _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim):
+    """Per branch: (branch, q rotated to its query positions, k rotated to its key positions)."""
+    q_pos_f, k_pos_f = q_pos.double(), k_pos.double()
+    out, keys_for = [], {}
+    for branch in layout.branches:
+        qb = query if branch.q_pos is None else rerotate(query, branch.q_pos(q_pos_f) - q_pos_f, inv_freq, rot_dim)
+        if branch.k_pos not in keys_for:  # branches sharing a key map share the rotated keys
+            keys_for[branch.k_pos] = (
+                key if branch.k_pos is None else rerotate(key, branch.k_pos(k_pos_f) - k_pos_f, inv_freq, rot_dim)
+            )
+        out.append((branch, qb, keys_for[branch.k_pos]))
+    return out
+
+
 def branched_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -206,25 +224,134 @@ def branched_attention(
 
     query [B, H, q, D], key / value [B, Hk, k, D] (H a multiple of Hk), attention_mask None (causal by index),
     bool [B, 1, q, k] (True = attend) or additive float [B, 1, q, k]; q_pos [B, q] int64 positions of the queries,
-    q_index [q] their cache indices. Returns [B, H, q, D]."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
+    q_index [q] their cache indices. Returns [B, q, H, D] (the layout transformers' attention functions return).
+
+    On CPU without softcap or dropout, each branch's part of a query block goes through torch's fused CPU flash
+    kernel, which also returns the log-sum-exp, and the parts are merged exactly by log-sum-exp; otherwise the
+    branches' scores are merged into one explicit score map per block."""
     offsets = _row_offsets(q_pos, q_index)  # [B]
-    k_pos = torch.arange(kv_len, device=key.device)[None, :] - offsets[:, None]  # [B, k] int64
-    q_pos_f, k_pos_f = q_pos.double(), k_pos.double()
+    k_pos = torch.arange(key.shape[2], device=key.device)[None, :] - offsets[:, None]  # [B, k] int64
+    branches = _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim)
+    fused = query.device.type == "cpu" and softcap is None and not dropout and query.dtype in (torch.float32, torch.bfloat16)
+    run = _merged_by_lse if fused else _merged_scores
+    return run(query, value, attention_mask, branches, q_pos, q_index, k_pos, offsets, scaling, softcap, dropout)
 
-    rotated_q, rotated_k, keys_for = [], [], {}
-    for branch in layout.branches:
-        rotated_q.append(
-            query if branch.q_pos is None else rerotate(query, branch.q_pos(q_pos_f) - q_pos_f, inv_freq, rot_dim)
-        )
-        if branch.k_pos not in keys_for:  # branches sharing a key map share the rotated keys
-            keys_for[branch.k_pos] = (
-                key if branch.k_pos is None else rerotate(key, branch.k_pos(k_pos_f) - k_pos_f, inv_freq, rot_dim)
-            )
-        rotated_k.append(keys_for[branch.k_pos])
 
+def _key_range(branch, qp, lo_off, hi_off, end):
+    """Inclusive key-index range a branch can touch for query positions ``qp`` [B, n], and its intervals."""
+    lo, hi = branch.interval(qp)  # [B, n] inclusive key positions
+    first = max(0, int(lo.min().clamp(min=-(2**40))) + lo_off)
+    last = min(end - 1, int(hi.max()) + hi_off)
+    return lo, hi, first, last
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hk, n, D] -> [B, Hk * groups, n, D], head h reading kv head h // groups (as transformers' repeat_kv)."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def _pieces(qp, lo, hi, first, last, offset, n, simple):
+    """Split a branch's key columns [first, last] for one query block into pieces: "full" (inside every row's
+    interval: no mask), "causal" (row t reaches exactly column a + t: hi(i) = i - d), "mask" (the rest).
+
+    ``simple``: every row has the same index offset and no padding mask, so intervals map to columns uniformly."""
+    if not simple:
+        return [(first, last, "mask")]
+    inner_lo = max(first, int(lo.max()) + offset)
+    inner_hi = min(last, int(hi.min()) + offset)
+    gap = qp - hi  # [1, n]: constant d when the upper end follows the queries (hi = i - d)
+    p0 = int(qp[0, 0])
+    if bool((gap == gap[0, 0]).all()) and bool((qp[0] == torch.arange(p0, p0 + n, device=qp.device)).all()):
+        a = p0 - int(gap[0, 0]) + offset  # column of the first row's last key
+        if a >= 0 and a + n - 1 == last and inner_lo <= a:
+            return [(first, inner_lo - 1, "mask"), (inner_lo, a - 1, "full"), (a, last, "causal")]
+    if inner_lo > inner_hi:
+        return [(first, last, "mask")]
+    return [(first, inner_lo - 1, "mask"), (inner_lo, inner_hi, "full"), (inner_hi + 1, last, "mask")]
+
+
+def _merged_by_lse(query, value, attention_mask, branches, q_pos, q_index, k_pos, offsets, scaling, softcap, dropout):
+    """Fused CPU path. Rows of a block are laid out (query, group) so that one kv head serves its G query heads
+    without copying keys: q [B, Hk, n*G, D] against k [B, Hk, span, D]. Returns [B, q, H, D]."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = value.shape[1]
+    groups = heads // kv_heads
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    lo_off, hi_off = int(offsets.min()), int(offsets.max())
+    even = lo_off == hi_off  # no padding offsets: intervals in index space are the same for every row
+    grouped = [qb.view(batch, kv_heads, groups, q_len, dim).transpose(2, 3).contiguous() for _, qb, _ in branches]
+    outputs = []
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(q_len, start + QUERY_BLOCK)
+        n = stop - start
+        rows = n * groups
+        end = int(q_index[stop - 1]) + 1  # causal: no key past the block's last query
+        qp = q_pos[:, start:stop]  # [B, n]
+        pad = None if attention_mask is None else attention_mask[:, 0, start:stop, :end]  # [B, n, end]
+        if pad is not None and pad.dtype != torch.bool:
+            pad = pad > torch.finfo(pad.dtype).min / 2
+        parts, lses = [], []  # per piece: output [B, Hk, rows, D], log-sum-exp [B, Hk, rows]
+        for (branch, qb, kb), qg in zip(branches, grouped):
+            lo, hi, first, last = _key_range(branch, qp, lo_off, hi_off, end)
+            if last < first:
+                continue
+            q_blk = qg[:, :, start:stop].view(batch, kv_heads, rows, dim)
+            for a, b, kind in _pieces(qp, lo, hi, first, last, lo_off, n, simple=even and pad is None):
+                if b < a:
+                    continue
+                empty = None
+                if kind == "causal":  # row t attends key columns a .. a + t: the fused kernel's own causal mode
+                    o, l = flash(
+                        qb[:, :, start:stop],
+                        _repeat_heads(kb[:, :, a : b + 1], groups),
+                        _repeat_heads(value[:, :, a : b + 1], groups),
+                        0.0,
+                        True,
+                        scale=scaling,
+                    )  # [B, H, n, D], [B, H, n] -> (query, group) rows
+                    o = o.view(batch, kv_heads, groups, n, -1).transpose(2, 3).reshape(batch, kv_heads, rows, -1)
+                    l = l.view(batch, kv_heads, groups, n).transpose(2, 3).reshape(batch, kv_heads, rows)
+                else:
+                    mask = None
+                    if kind == "mask":
+                        kp = k_pos[:, None, a : b + 1]  # [B, 1, span]
+                        allowed = (kp >= lo[:, :, None]) & (kp <= hi[:, :, None])  # [B, n, span]
+                        if pad is not None:
+                            allowed &= pad[:, :, a : b + 1]
+                        empty = ~allowed.any(dim=-1)  # [B, n]: rows with nothing to attend in this piece
+                        if bool(empty.all()):
+                            continue
+                        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+                        mask.masked_fill_(~allowed, float("-inf"))
+                        mask = mask[:, None, :, None].expand(batch, 1, n, groups, b + 1 - a).reshape(batch, 1, rows, -1)
+                    o, l = flash(q_blk, kb[:, :, a : b + 1], value[:, :, a : b + 1], 0.0, False, attn_mask=mask,
+                                 scale=scaling)
+                if empty is not None and bool(empty.any()):  # the kernel reports 0 there, not -inf
+                    l = l.masked_fill(empty[:, None, :, None].expand(batch, 1, n, groups).reshape(batch, 1, rows),
+                                      float("-inf"))
+                parts.append(o)
+                lses.append(l)
+        if not parts:  # no key at all (fully padded rows)
+            out = torch.zeros(batch, kv_heads, rows, value.shape[-1], dtype=value.dtype, device=query.device)
+        elif len(parts) == 1:
+            out = parts[0]
+        else:
+            stacked = torch.stack(lses)  # [P, B, Hk, rows]
+            total = torch.logsumexp(stacked, dim=0)  # -inf only for rows with no key in any piece
+            weights = torch.exp(stacked - total).nan_to_num_(0.0)  # [P, B, Hk, rows]
+            out = sum(w[..., None] * o.float() for w, o in zip(weights, parts))
+        outputs.append(out.to(value.dtype).view(batch, kv_heads, n, groups, -1))
+    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # [B, Hk, q, G, D]
+    return out.permute(0, 2, 1, 3, 4).reshape(batch, q_len, heads, -1)
+
+
+def _merged_scores(query, value, attention_mask, branches, q_pos, q_index, k_pos, offsets, scaling, softcap, dropout):
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = value.shape[1], value.shape[2]
+    groups = heads // kv_heads
     block = max(1, min(q_len, BLOCK_BYTES // max(1, batch * heads * kv_len * 4)))
     low = torch.finfo(torch.float32).min
     lo_off, hi_off = int(offsets.min()), int(offsets.max())
@@ -235,10 +362,8 @@ def branched_attention(
         end = int(q_index[stop - 1]) + 1  # causal: no key past the block's last query
         qp = q_pos[:, start:stop]  # [B, n]
         scores = torch.full((batch, kv_heads, groups, n, end), low, dtype=torch.float32, device=query.device)
-        for branch, qb, kb in zip(layout.branches, rotated_q, rotated_k):
-            lo, hi = branch.interval(qp)  # [B, n] inclusive key positions
-            first = max(0, int(lo.min().clamp(min=-(2**40))) + lo_off)
-            last = min(end - 1, int(hi.max()) + hi_off)
+        for branch, qb, kb in branches:
+            lo, hi, first, last = _key_range(branch, qp, lo_off, hi_off, end)
             if last < first:
                 continue
             q_blk = qb[:, :, start:stop].reshape(batch, kv_heads, groups * n, dim)
@@ -262,4 +387,5 @@ def branched_attention(
         probs = probs.to(value.dtype).view(batch, kv_heads, groups * n, end)
         out = torch.matmul(probs, value[:, :, :end])  # [B, Hk, G*n, D]
         outputs.append(out.view(batch, heads, n, value.shape[-1]))
-    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return out.transpose(1, 2).contiguous()  # [B, q, H, D]

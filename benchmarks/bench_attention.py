@@ -1,0 +1,233 @@
+"""Benchmark 5: attention-level methods on the real SmolLM2-135M (trained at 8192 tokens) at 16k tokens (factor 2).
+
+Usage::
+
+    python benchmarks/bench_attention.py                                  # CPU plan (see --configs), resumable
+    python benchmarks/bench_attention.py --configs dca,self_extend:group_size=4 --passkey dca --passkey-depths 0.5
+    python benchmarks/bench_attention.py --report-only                    # tables from the JSON already written
+
+Stages, each resumable (every finished measurement is written to ``--out`` at once; what is there is skipped):
+
+1. The control a user would otherwise run: the *unpatched* model reading positions 8k-16k of the window with its own
+   8k sliding window (each 2k bucket scored with the 8192 tokens before it).
+2. Each config (``method`` or ``method:param=value:param=value``): one forward over the 16k window of
+   ``builtin:pydoc`` from token ``--offset`` 20000 (the window of benchmarks/RESULTS.md section 1), perplexity over
+   the whole window, over positions 8k-16k and by 2k bucket; wall seconds of that forward and the peak extra
+   resident memory while it ran (psutil sampler) against the unpatched sdpa model's forward (config ``none``).
+3. Passkey at 16k for the ``--passkey`` configs: keys at ``--passkey-depths``, ``--passkey-trials`` keys each; the
+   seconds per generated token with the 16k cache are taken from these runs.
+
+Writes ``benchmarks/results/attention_16k_<device>.json`` and prints markdown tables generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ORIGINAL = 8192
+LENGTH = 16384
+DEFAULT_CONFIGS = "none,yarn,yarn:logn=true,dca,self_extend,rerope,leaky_rerope,dca:logn=true"
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """'self_extend:group_size=4:window=1024' -> ('self_extend', {'group_size': 4, 'window': 1024})."""
+    from hf_rope_ext.cli import parse_value
+
+    name, *items = text.split(":")
+    params = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        params[key] = parse_value(value)
+    return name, params
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list (default {DEFAULT_CONFIGS}); 'none' = unpatched")
+    p.add_argument("--text", default="builtin:pydoc")
+    p.add_argument("--offset", type=int, default=20000)
+    p.add_argument("--passkey", default="", help="comma list of configs given passkey at 16k")
+    p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--passkey-trials", type=int, default=2)
+    p.add_argument("--no-control", action="store_true", help="skip the 8k sliding-window control")
+    p.add_argument("--out", default=None)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.out = Path(args.out or RESULTS / f"attention_16k_{'cuda' if args.device.startswith('cuda') else args.device}.json")
+    return args
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level at entry, sampled every 20 ms (MiB)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.extra_mib = (self.peak - self.base) / 2**20
+
+
+def ppl(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count) if count else float("nan")
+
+
+def summarize(buckets: list[dict]) -> dict:
+    """Whole-window and 8k-16k perplexity from 2k buckets (token-weighted)."""
+    def over(bs):
+        return ppl(sum(math.log(b["perplexity"]) * b["tokens"] for b in bs), sum(b["tokens"] for b in bs))
+
+    return {"ppl_16k": over(buckets), "ppl_8k_16k": over([b for b in buckets if b["start"] >= ORIGINAL]),
+            "buckets": [{"start": b["start"], "tokens": b["tokens"], "perplexity": b["perplexity"]} for b in buckets]}
+
+
+def fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def report(state: dict) -> str:
+    lines = []
+    control = state.get("control")
+    base = state["configs"].get("none")
+    if control:
+        lines += [f"Control (unpatched, 8k sliding window over positions 8k–16k): **{fmt(control['ppl_8k_16k'])}** "
+                  f"(buckets {', '.join(fmt(b['perplexity']) for b in control['buckets'])})", ""]
+    lines += ["| config | PPL 0–16k | PPL 8k–16k | vs control | " + " | ".join(f"{b // 1024}k" for b in range(0, LENGTH, 2048))
+              + " | prefill s | × none | peak extra MiB |",
+              "|---|---|---|---|" + "---|" * (LENGTH // 2048) + "---|---|---|"]
+    for name, r in state["configs"].items():
+        vs = (f"{r['ppl_8k_16k'] - control['ppl_8k_16k']:+.2f}" if control else "–")
+        ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "–"
+        lines.append(f"| {name} | {fmt(r['ppl_16k'])} | {fmt(r['ppl_8k_16k'])} | {vs} | "
+                     + " | ".join(fmt(b["perplexity"]) for b in r["buckets"])
+                     + f" | {r['seconds']:.0f} | {ratio} | {r['peak_extra_mib']:.0f} |")
+    if state.get("passkey"):
+        lines += ["", "| config | depth | keys correct | answers | s / generated token |", "|---|---|---|---|---|"]
+        for key, r in state["passkey"].items():
+            name, depth = key.rsplit("|", 1)
+            lines.append(f"| {name} | {depth} | {r['correct']}/{r['total']} | {', '.join(r['outputs'])} | "
+                         f"{fmt(r.get('seconds_per_token'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = json.loads(args.out.read_text()) if args.out.exists() else {"configs": {}, "passkey": {}}
+    if args.report_only:
+        print(report(state))
+        return 0
+
+    import torch
+
+    from hf_rope_ext import patch_model, unpatch_model
+    from hf_rope_ext.eval import passkey_accuracy, perplexity_at_lengths
+    from hf_rope_ext.eval.perplexity import token_nll
+    from hf_rope_ext.eval.text import load_text, tokenize
+    from hf_rope_ext.loading import load_model
+
+    def save():
+        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": LENGTH, "factor": 2,
+                         "text": args.text, "offset": args.offset, "dtype": args.dtype, "device": args.device,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+                         "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(state, indent=1))
+
+    model, tok = load_model("smollm2", dtype=args.dtype, device=args.device)
+    model.eval()
+    ids = tokenize(tok, load_text(args.text))
+    window = ids[args.offset : args.offset + LENGTH]
+
+    if not args.no_control and "control" not in state:
+        buckets = []
+        t0 = time.perf_counter()
+        for start in range(ORIGINAL, LENGTH, 2048):
+            piece = window[start - ORIGINAL : start + 2048][None]
+            with torch.inference_mode():
+                nll = token_nll(model, piece, first_scored=ORIGINAL)[0, ORIGINAL:]
+            buckets.append({"start": start, "tokens": int(nll.numel()), "perplexity": math.exp(float(nll.mean()))})
+            print(f"[control] bucket {start}: {buckets[-1]['perplexity']:.2f}", flush=True)
+        state["control"] = {**summarize(buckets), "seconds": time.perf_counter() - t0}
+        save()
+
+    for config in [c for c in args.configs.split(",") if c]:
+        if config in state["configs"]:
+            continue
+        name, params = parse_config(config)
+        if name != "none":
+            patch_model(model, name, factor=2, **params)
+        try:
+            with PeakRSS() as mem, torch.inference_mode():
+                t0 = time.perf_counter()
+                rep = perplexity_at_lengths(model, tok, [LENGTH], ids, offset=args.offset, bucket_size=2048,
+                                            share_forward=True, model_name="smollm2", progress=False)
+                seconds = time.perf_counter() - t0
+        finally:
+            if name != "none":
+                unpatch_model(model)
+        result = rep.to_dict()["results"][0]
+        state["configs"][config] = {**summarize(result["buckets"]), "seconds": seconds,
+                                    "peak_extra_mib": mem.extra_mib, "params": params}
+        save()
+        r = state["configs"][config]
+        print(f"[ppl] {config}: 16k {r['ppl_16k']:.2f}, 8k-16k {r['ppl_8k_16k']:.2f} ({seconds:.0f} s, "
+              f"+{mem.extra_mib:.0f} MiB)", flush=True)
+
+    depths = [float(d) for d in args.passkey_depths.split(",")]
+    for config in [c for c in args.passkey.split(",") if c]:
+        name, params = parse_config(config)
+        for depth in depths:
+            key = f"{config}|{depth}"
+            if key in state["passkey"]:
+                continue
+            if name != "none":
+                patch_model(model, name, factor=2, **params)
+            try:
+                with torch.inference_mode():
+                    rep = passkey_accuracy(model, tok, [LENGTH], [depth], trials=args.passkey_trials,
+                                           max_new_tokens=8, model_name="smollm2", progress=False)
+            finally:
+                if name != "none":
+                    unpatch_model(model)
+            trials = rep.to_dict()["trials"]
+            state["passkey"][key] = {"correct": sum(t["correct"] for t in trials), "total": len(trials),
+                                     "outputs": [f"{t['answer']}->{t['output'].strip()!r}" for t in trials],
+                                     "seconds": rep.seconds}
+            save()
+            print(f"[passkey] {key}: {state['passkey'][key]['correct']}/{len(trials)} {state['passkey'][key]['outputs']}",
+                  flush=True)
+    print(report(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
