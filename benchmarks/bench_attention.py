@@ -9,13 +9,15 @@ Usage::
 Stages, each resumable (every finished measurement is written to ``--out`` at once; what is there is skipped):
 
 1. The control a user would otherwise run: the *unpatched* model reading positions 8k-16k of the window with its own
-   8k sliding window (each 2k bucket scored with the 8192 tokens before it).
+   8k window sliding by 2k (each 2k bucket scored as the last 2048 tokens of the 8192-token window ending with it,
+   so every scored token sees 6144-8191 tokens of context, all inside the trained length).
 2. Each config (``method`` or ``method:param=value:param=value``): one forward over the 16k window of
    ``builtin:pydoc`` from token ``--offset`` 20000 (the window of benchmarks/RESULTS.md section 1), perplexity over
    the whole window, over positions 8k-16k and by 2k bucket; wall seconds of that forward and the peak extra
    resident memory while it ran (psutil sampler) against the unpatched sdpa model's forward (config ``none``).
-3. Passkey at 16k for the ``--passkey`` configs: keys at ``--passkey-depths``, ``--passkey-trials`` keys each; the
-   seconds per generated token with the 16k cache are taken from these runs.
+3. Decoding cost for the ``--decode`` configs: prefill the 16k window with a KV cache, then time
+   ``--decode-steps`` single-token steps (seconds per generated token, against config ``none``).
+4. Passkey at 16k for the ``--passkey`` configs: keys at ``--passkey-depths``, ``--passkey-trials`` keys each.
 
 Writes ``benchmarks/results/attention_16k_<device>.json`` and prints markdown tables generated from it.
 """
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passkey", default="", help="comma list of configs given passkey at 16k")
     p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--passkey-trials", type=int, default=2)
+    p.add_argument("--decode", default="", help="comma list of configs timed for decoding with a 16k cache")
+    p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--no-control", action="store_true", help="skip the 8k sliding-window control")
     p.add_argument("--out", default=None)
     p.add_argument("--report-only", action="store_true")
@@ -129,12 +133,24 @@ def report(state: dict) -> str:
         lines.append(f"| {name} | {fmt(r['ppl_16k'])} | {fmt(r['ppl_8k_16k'])} | {vs} | "
                      + " | ".join(fmt(b["perplexity"]) for b in r["buckets"])
                      + f" | {r['seconds']:.0f} | {ratio} | {r['peak_extra_mib']:.0f} |")
+    decode = state.get("decode") or {}
+    if decode:
+        base_tok = decode.get("none", {}).get("seconds_per_token")
+        lines += ["", "| config | s / generated token (16k cache) | × none |", "|---|---|---|"]
+        for name, r in decode.items():
+            ratio = f"{r['seconds_per_token'] / base_tok:.2f}" if base_tok else "–"
+            lines.append(f"| {name} | {r['seconds_per_token']:.3f} | {ratio} |")
     if state.get("passkey"):
-        lines += ["", "| config | depth | keys correct | answers | s / generated token |", "|---|---|---|---|---|"]
+        lines += ["", "| config | depth | keys correct | answers (expected->generated) |", "|---|---|---|---|"]
         for key, r in state["passkey"].items():
             name, depth = key.rsplit("|", 1)
-            lines.append(f"| {name} | {depth} | {r['correct']}/{r['total']} | {', '.join(r['outputs'])} | "
-                         f"{fmt(r.get('seconds_per_token'))} |")
+            lines.append(f"| {name} | {depth} | {r['correct']}/{r['total']} | {', '.join(r['outputs'])} |")
+        totals = {}
+        for key, r in state["passkey"].items():
+            name = key.rsplit("|", 1)[0]
+            c, t = totals.get(name, (0, 0))
+            totals[name] = (c + r["correct"], t + r["total"])
+        lines += [""] + [f"Passkey at 16k, {name}: {c}/{t} keys over all depths" for name, (c, t) in totals.items()]
     return "\n".join(lines)
 
 
@@ -171,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         buckets = []
         t0 = time.perf_counter()
         for start in range(ORIGINAL, LENGTH, 2048):
-            piece = window[start - ORIGINAL : start + 2048][None]
+            # the 8192 tokens ending with this bucket: each scored token sees 6144-8191 tokens, all inside training
+            piece = window[start + 2048 - ORIGINAL : start + 2048][None]
             with torch.inference_mode():
-                nll = token_nll(model, piece, first_scored=ORIGINAL)[0, ORIGINAL:]
+                nll = token_nll(model, piece, first_scored=ORIGINAL - 2048)[0, ORIGINAL - 2048 :]
             buckets.append({"start": start, "tokens": int(nll.numel()), "perplexity": math.exp(float(nll.mean()))})
             print(f"[control] bucket {start}: {buckets[-1]['perplexity']:.2f}", flush=True)
         state["control"] = {**summarize(buckets), "seconds": time.perf_counter() - t0}
@@ -201,6 +218,29 @@ def main(argv: list[str] | None = None) -> int:
         r = state["configs"][config]
         print(f"[ppl] {config}: 16k {r['ppl_16k']:.2f}, 8k-16k {r['ppl_8k_16k']:.2f} ({seconds:.0f} s, "
               f"+{mem.extra_mib:.0f} MiB)", flush=True)
+
+    state.setdefault("decode", {})
+    for config in [c for c in args.decode.split(",") if c]:
+        if config in state["decode"]:
+            continue
+        name, params = parse_config(config)
+        if name != "none":
+            patch_model(model, name, factor=2, **params)
+        try:
+            with torch.inference_mode():
+                out = model(window[None], use_cache=True, logits_to_keep=1)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                for _ in range(args.decode_steps):
+                    out = model(token, past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                per_token = (time.perf_counter() - t0) / args.decode_steps
+        finally:
+            if name != "none":
+                unpatch_model(model)
+        state["decode"][config] = {"seconds_per_token": per_token, "cache_tokens": LENGTH, "steps": args.decode_steps}
+        save()
+        print(f"[decode] {config}: {per_token:.3f} s/token with a {LENGTH}-token cache", flush=True)
 
     depths = [float(d) for d in args.passkey_depths.split(",")]
     for config in [c for c in args.passkey.split(",") if c]:

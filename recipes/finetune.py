@@ -374,6 +374,12 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
         raise ValueError(
             f"unknown method_params {unknown} for method '{spec.name}'; valid: {', '.join(valid) or 'none'}"
         )
+    if spec.kind == "attention" and (o.pose or o.s2attn):
+        raise ValueError(
+            f"attention-level method '{spec.name}' cannot be combined with "
+            f"{'pose (its position ids have gaps; the method needs contiguous ones)' if o.pose else 's2attn'}; "
+            "train it on full-length windows, or fine-tune with a rotary method (yarn, ntk_by_parts, ...)"
+        )
     positive = {
         "lora_r": o.lora_r,
         "lora_alpha": o.lora_alpha,

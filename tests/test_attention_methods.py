@@ -422,3 +422,31 @@ def test_attention_method_keeps_the_config_servable_at_the_original_length():
     info = patch_info(model)
     assert info["max_position_embeddings"] == 4 * L and info["kind"] == "attention"
     assert info["parameters"]["window"] == L // 4  # the default, resolved and recorded
+
+
+def test_training_takes_the_differentiable_path_and_agrees_with_inference():
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    patch_model(model, "self_extend", factor=2, **SETTINGS["self_extend"])
+    with torch.no_grad():
+        fused = model(ids).logits
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, fused, atol=1e-4, rtol=1e-4)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_compare_and_eval_accept_attention_methods_and_logn(tokenizer):
+    from hf_rope_ext.eval.compare import compare_methods
+    from hf_rope_ext.eval.text import Text
+
+    model = tiny_model("llama")
+    text = Text.from_string(" ".join(f"w{3 + (i * 7) % 120}" for i in range(400)))
+    report = compare_methods(model, tokenizer, ["none", "dca", "yarn"], [128], factor=2,
+                             method_params={"dca": SETTINGS["dca"], "yarn": {"logn": True}}, text=text, progress=False)
+    by = {run.method: run.perplexity.results[0].perplexity for run in report.runs}
+    assert set(by) == {"none", "dca", "yarn"} and all(math.isfinite(v) for v in by.values())
+    assert by["dca"] != by["none"]
+    assert patch_info(model) is None and model.config._attn_implementation == "sdpa"
+

@@ -872,3 +872,10 @@ def test_accelerate_launch_two_cpu_processes(random_llama, texts, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
     probe = torch.randint(3, 200, (1, 256))
     assert reload_outputs(out / "model", probe).shape == (1, 256, 260)
+
+
+def test_attention_level_methods_are_refused_with_pose_or_s2attn(ft):
+    for extra, what in ((dict(pose=True), "pose"), (dict(s2attn=True), "s2attn")):
+        o = ft.Options(model="x", method="dca", factor=2, output_dir="out", **extra)
+        with pytest.raises(ValueError, match=f"attention-level method 'dca' cannot be combined with {what}"):
+            ft.check_options(o, check_data=False)

@@ -226,13 +226,19 @@ def branched_attention(
     bool [B, 1, q, k] (True = attend) or additive float [B, 1, q, k]; q_pos [B, q] int64 positions of the queries,
     q_index [q] their cache indices. Returns [B, q, H, D] (the layout transformers' attention functions return).
 
-    On CPU without softcap or dropout, each branch's part of a query block goes through torch's fused CPU flash
-    kernel, which also returns the log-sum-exp, and the parts are merged exactly by log-sum-exp; otherwise the
-    branches' scores are merged into one explicit score map per block."""
+    On CPU without softcap, dropout or gradients, each branch's part of a query block goes through torch's fused CPU
+    flash kernel, which also returns the log-sum-exp, and the parts are merged exactly by log-sum-exp; otherwise the
+    branches' scores are merged into one explicit score map per block (differentiable)."""
     offsets = _row_offsets(q_pos, q_index)  # [B]
     k_pos = torch.arange(key.shape[2], device=key.device)[None, :] - offsets[:, None]  # [B, k] int64
     branches = _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim)
-    fused = query.device.type == "cpu" and softcap is None and not dropout and query.dtype in (torch.float32, torch.bfloat16)
+    fused = (
+        query.device.type == "cpu"
+        and softcap is None
+        and not dropout
+        and query.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+    )  # the fused kernel's log-sum-exp carries no gradient: training takes the explicit-scores path
     run = _merged_by_lse if fused else _merged_scores
     return run(query, value, attention_mask, branches, q_pos, q_index, k_pos, offsets, scaling, softcap, dropout)
 
