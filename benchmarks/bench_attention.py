@@ -229,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with torch.inference_mode():
                 out = model(window[None], use_cache=True, logits_to_keep=1)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
                 t0 = time.perf_counter()
                 for _ in range(args.decode_steps):
-                    out = model(token, past_key_values=cache, use_cache=True)
-                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
                 per_token = (time.perf_counter() - t0) / args.decode_steps
         finally:
             if name != "none":

@@ -94,6 +94,7 @@ def undo_switch(model: nn.Module, meta: dict[str, Any]) -> None:
     model.set_attn_implementation(meta["before"])
     for module in families.attention_modules(model):
         module.__dict__.pop(attention_kernel._CACHE, None)
+        module.__dict__.pop(attention_kernel._KEYS, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ QUERY_BLOCK = 512
 interval (no mask: the fused kernel at full speed) and the few edge columns around the interval's ends (masked)."""
 
 _CACHE = "_hf_rope_ext_attention"  # on an attention module: (meta it was built from, LayerSettings)
+_KEYS = "_hf_rope_ext_rotated_keys"  # on an attention module while generating: re-rotated keys per key map
 
 
 @dataclass
@@ -109,6 +110,8 @@ def _base_function(module: nn.Module, base: str):
 def _attention(module: nn.Module, query, key, value, attention_mask, *, _base: str, **kwargs: Any):
     settings = layer_settings(module)
     base_fn = _base_function(module, _base)
+    if not kwargs.get("use_cache"):
+        module.__dict__.pop(_KEYS, None)  # a forward without a cache: nothing to keep for the next step
     if settings is None or not settings.active:
         return base_fn(module, query, key, value, attention_mask, **kwargs)
     batch, _, q_len, _ = query.shape
@@ -140,6 +143,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, *, _base: s
         scaling=kwargs.get("scaling") if kwargs.get("scaling") is not None else query.shape[-1] ** -0.5,
         softcap=kwargs.get("softcap"),
         dropout=float(kwargs.get("dropout") or 0.0) if module.training else 0.0,
+        key_store=module.__dict__.setdefault(_KEYS, {}) if kwargs.get("use_cache") else None,
     )
     return out, None
 
@@ -191,7 +195,29 @@ def _row_offsets(q_pos: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
     return q_index[at] - q_pos.gather(1, at[:, None])[:, 0]
 
 
-def _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim):
+def _rotated_keys(key, k_pos_f, fn, inv_freq, rot_dim, store: dict | None, past: int):
+    """``key`` re-rotated to the positions ``fn`` gives. With ``store`` (a layer's cache of rotated keys, kept while
+    generating), the keys before index ``past`` are reused when they are the ones rotated last time (same count,
+    same last raw key row), so a decoding step rotates only its new keys."""
+    entry = store.get(fn) if store is not None else None
+    if (
+        entry is not None
+        and past > 0
+        and entry["n"] == past
+        and entry["rot"].shape[0] == key.shape[0]
+        and torch.equal(entry["last"], key[:, :, past - 1])
+        and torch.equal(entry["last_pos"], k_pos_f[:, past - 1])
+    ):
+        new = rerotate(key[:, :, past:], fn(k_pos_f[:, past:]) - k_pos_f[:, past:], inv_freq, rot_dim)
+        rot = torch.cat((entry["rot"], new), dim=2)
+    else:
+        rot = rerotate(key, fn(k_pos_f) - k_pos_f, inv_freq, rot_dim)
+    if store is not None:
+        store[fn] = {"n": key.shape[2], "last": key[:, :, -1].clone(), "last_pos": k_pos_f[:, -1].clone(), "rot": rot}
+    return rot
+
+
+def _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim, key_store=None, past=0):
     """Per branch: (branch, q rotated to its query positions, k rotated to its key positions)."""
     q_pos_f, k_pos_f = q_pos.double(), k_pos.double()
     out, keys_for = [], {}
@@ -199,7 +225,9 @@ def _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim):
         qb = query if branch.q_pos is None else rerotate(query, branch.q_pos(q_pos_f) - q_pos_f, inv_freq, rot_dim)
         if branch.k_pos not in keys_for:  # branches sharing a key map share the rotated keys
             keys_for[branch.k_pos] = (
-                key if branch.k_pos is None else rerotate(key, branch.k_pos(k_pos_f) - k_pos_f, inv_freq, rot_dim)
+                key
+                if branch.k_pos is None
+                else _rotated_keys(key, k_pos_f, branch.k_pos, inv_freq, rot_dim, key_store, past)
             )
         out.append((branch, qb, keys_for[branch.k_pos]))
     return out
@@ -219,6 +247,7 @@ def branched_attention(
     scaling: float,
     softcap: float | None = None,
     dropout: float = 0.0,
+    key_store: dict | None = None,
 ) -> torch.Tensor:
     """Causal attention where each branch of ``layout`` scores its own key interval with its own positions.
 
@@ -231,7 +260,8 @@ def branched_attention(
     branches' scores are merged into one explicit score map per block (differentiable)."""
     offsets = _row_offsets(q_pos, q_index)  # [B]
     k_pos = torch.arange(key.shape[2], device=key.device)[None, :] - offsets[:, None]  # [B, k] int64
-    branches = _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim)
+    past = key.shape[2] - query.shape[2]  # keys already in the cache before this call
+    branches = _rotated_branches(query, key, q_pos, k_pos, layout, inv_freq, rot_dim, key_store, past)
     fused = (
         query.device.type == "cpu"
         and softcap is None
