@@ -450,3 +450,33 @@ def test_compare_and_eval_accept_attention_methods_and_logn(tokenizer):
     assert by["dca"] != by["none"]
     assert patch_info(model) is None and model.config._attn_implementation == "sdpa"
 
+
+
+def test_cli_patch_with_an_attention_method_then_eval_reloads_it(tmp_path, tokenizer):
+    import json
+
+    from .utils import run_python
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    code = (
+        f"import sys; from hf_rope_ext.cli import main; sys.exit(main(['patch', {str(tmp_path / 'base')!r}, "
+        "'--method', 'self_extend', '--factor', '2', '--param', 'group_size=3', '--param', 'window=16', "
+        f"'--param', 'logn=true', '--attn-implementation', 'eager', '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["attn_implementation"] == "hf_rope_ext_eager"
+    assert config["hf_rope_ext"]["parameters"] == {"logn": True, "group_size": 3, "window": 16}
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 2 * L
+    check = (
+        "import torch; from hf_rope_ext.loading import load_model\n"
+        f"m, tok = load_model({str(tmp_path / 'out')!r})\n"
+        "assert m.config._attn_implementation == 'hf_rope_ext_eager', m.config._attn_implementation\n"
+        "print(tok.model_max_length)\n"
+    )
+    proc = run_python(check)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith(str(2 * L))

@@ -493,11 +493,15 @@ def _demo(args: argparse.Namespace) -> int:
     if not plan["passkey_lengths"]:
         report.notes.append(f"passkey not run: on a CPU each {longest}-token prompt costs about one more forward "
                             "per method and depth; add --passkey-lengths, or run with a GPU")
-    wavelength_methods = [m for m in plan["methods"] if m != "none"]
+    from ..registry import get_method
+
+    # wavelengths describe rotary frequencies; attention-level methods keep the trained ones
+    wavelength_methods = [m for m in plan["methods"] if m != "none" and get_method(m).kind == "rope"]
     geometry = rope_geometry(model)
     report.notes.append(f"measurements took {report.seconds:.0f} s after a {load_seconds:.0f} s model load")
     print()
     _write_compare_outputs(report, Path(args.out_dir), wavelengths={"methods": wavelength_methods,
-                                                                    "factor": plan["factor"], **geometry})
+                                                                    "factor": plan["factor"], **geometry}
+                           if wavelength_methods else None)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s wall time")
     return 0
