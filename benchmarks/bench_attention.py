@@ -25,6 +25,7 @@ Writes ``benchmarks/results/attention_16k_<device>.json`` and prints markdown ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,21 @@ class PeakRSS:
         self.extra_mib = (self.peak - self.base) / 2**20
 
 
+@contextlib.contextmanager
+def patched(model, config: str):
+    """The model patched with ``config`` ('none': as it is) for the duration of the block."""
+    from hf_rope_ext import patch_model, unpatch_model
+
+    name, params = parse_config(config)
+    if name != "none":
+        patch_model(model, name, factor=2, **params)
+    try:
+        yield
+    finally:
+        if name != "none":
+            unpatch_model(model)
+
+
 def ppl(nll_sum: float, count: int) -> float:
     return math.exp(nll_sum / count) if count else float("nan")
 
@@ -163,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from hf_rope_ext import patch_model, unpatch_model
     from hf_rope_ext.eval import passkey_accuracy, perplexity_at_lengths
     from hf_rope_ext.eval.perplexity import token_nll
     from hf_rope_ext.eval.text import load_text, tokenize
@@ -199,18 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     for config in [c for c in args.configs.split(",") if c]:
         if config in state["configs"]:
             continue
-        name, params = parse_config(config)
-        if name != "none":
-            patch_model(model, name, factor=2, **params)
-        try:
-            with PeakRSS() as mem, torch.inference_mode():
-                t0 = time.perf_counter()
-                rep = perplexity_at_lengths(model, tok, [LENGTH], ids, offset=args.offset, bucket_size=2048,
-                                            share_forward=True, model_name="smollm2", progress=False)
-                seconds = time.perf_counter() - t0
-        finally:
-            if name != "none":
-                unpatch_model(model)
+        params = parse_config(config)[1]
+        with patched(model, config), PeakRSS() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            rep = perplexity_at_lengths(model, tok, [LENGTH], ids, offset=args.offset, bucket_size=2048,
+                                        share_forward=True, model_name="smollm2", progress=False)
+            seconds = time.perf_counter() - t0
         result = rep.to_dict()["results"][0]
         state["configs"][config] = {**summarize(result["buckets"]), "seconds": seconds,
                                     "peak_extra_mib": mem.extra_mib, "params": params}
@@ -223,41 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     for config in [c for c in args.decode.split(",") if c]:
         if config in state["decode"]:
             continue
-        name, params = parse_config(config)
-        if name != "none":
-            patch_model(model, name, factor=2, **params)
-        try:
-            with torch.inference_mode():
-                out = model(window[None], use_cache=True, logits_to_keep=1)
+        with patched(model, config), torch.inference_mode():
+            out = model(window[None], use_cache=True, logits_to_keep=1)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(args.decode_steps):
+                out = model(token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-                t0 = time.perf_counter()
-                for _ in range(args.decode_steps):
-                    out = model(token, cache=cache, use_cache=True)
-                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-                per_token = (time.perf_counter() - t0) / args.decode_steps
-        finally:
-            if name != "none":
-                unpatch_model(model)
+            per_token = (time.perf_counter() - t0) / args.decode_steps
         state["decode"][config] = {"seconds_per_token": per_token, "cache_tokens": LENGTH, "steps": args.decode_steps}
         save()
         print(f"[decode] {config}: {per_token:.3f} s/token with a {LENGTH}-token cache", flush=True)
 
     depths = [float(d) for d in args.passkey_depths.split(",")]
     for config in [c for c in args.passkey.split(",") if c]:
-        name, params = parse_config(config)
         for depth in depths:
             key = f"{config}|{depth}"
             if key in state["passkey"]:
                 continue
-            if name != "none":
-                patch_model(model, name, factor=2, **params)
-            try:
-                with torch.inference_mode():
-                    rep = passkey_accuracy(model, tok, [LENGTH], [depth], trials=args.passkey_trials,
-                                           max_new_tokens=8, model_name="smollm2", progress=False)
-            finally:
-                if name != "none":
-                    unpatch_model(model)
+            with patched(model, config), torch.inference_mode():
+                rep = passkey_accuracy(model, tok, [LENGTH], [depth], trials=args.passkey_trials,
+                                       max_new_tokens=8, model_name="smollm2", progress=False)
             trials = rep.to_dict()["trials"]
             state["passkey"][key] = {"correct": sum(t["correct"] for t in trials), "total": len(trials),
                                      "outputs": [f"{t['answer']}->{t['output'].strip()!r}" for t in trials],

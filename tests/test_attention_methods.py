@@ -139,19 +139,23 @@ def left_padded_batch(n: int, pad: int = 5, seed: int = 0):
     return ids, mask, positions
 
 
+def assert_matches_reference(model, method: str, n: int, logn: bool = False) -> None:
+    """Patched logits equal the naive reference on a left-padded batch of 2 (real tokens compared)."""
+    ids, mask, positions = left_padded_batch(n)
+    patch_model(model, method, factor=2, logn=logn, **SETTINGS[method])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, position_ids=positions).logits
+    unpatch_model(model)
+    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions, logn=logn)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 @pytest.mark.parametrize("n", [24, 100])
 def test_matches_naive_reference_llama(method, n):
     """Logits equal the naive reference, batch 2 with left padding, below and above the window/chunk."""
-    model = tiny_model("llama")
-    ids, mask, positions = left_padded_batch(n)
-    patch_model(model, method, factor=2, **SETTINGS[method])
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask, position_ids=positions).logits
-    unpatch_model(model)
-    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert_matches_reference(tiny_model("llama"), method, n)
 
 
 # model_type -> extra config overrides for the family sweep
@@ -188,15 +192,7 @@ def family_model(model_type: str):
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 @pytest.mark.parametrize("method", ["self_extend", "dca"])
 def test_matches_naive_reference_families(model_type, method):
-    model = family_model(model_type)
-    ids, mask, positions = left_padded_batch(90)
-    patch_model(model, method, factor=2, **SETTINGS[method])
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask, position_ids=positions).logits
-    unpatch_model(model)
-    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert_matches_reference(family_model(model_type), method, 90)
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))
@@ -321,14 +317,7 @@ def test_logn_on_a_rotary_method_matches_reference():
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_logn_on_attention_methods_matches_reference(method):
-    model = tiny_model("llama")
-    ids, mask, positions = left_padded_batch(100)
-    patch_model(model, method, factor=2, logn=True, **SETTINGS[method])
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask, position_ids=positions).logits
-    unpatch_model(model)
-    want = reference_logits(model, method, SETTINGS[method], ids, mask, positions, logn=True)
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+    assert_matches_reference(tiny_model("llama"), method, 100, logn=True)
 
 
 def test_save_and_reload_with_and_without_the_plugin(tmp_path):
