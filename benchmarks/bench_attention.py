@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_attention.py                                  # CPU plan (see --configs), resumable
+    python benchmarks/bench_attention.py --device cuda --length 32768 --decode none,dca --passkey dca   # GPU plan
     python benchmarks/bench_attention.py --configs dca,self_extend:group_size=4 --passkey dca --passkey-depths 0.5
     python benchmarks/bench_attention.py --report-only                    # tables from the JSON already written
 
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--length", type=int, default=16384, help="window length (factor = length / 8192); default 16384")
     p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list (default {DEFAULT_CONFIGS}); 'none' = unpatched")
     p.add_argument("--text", default="builtin:pydoc")
@@ -75,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    args.out = Path(args.out or RESULTS / f"attention_16k_{'cuda' if args.device.startswith('cuda') else args.device}.json")
+    tag = "cuda" if args.device.startswith("cuda") else args.device
+    args.out = Path(args.out or RESULTS / f"attention_{args.length // 1024}k_{tag}.json")
     return args
 
 
@@ -110,7 +113,7 @@ def patched(model, config: str):
 
     name, params = parse_config(config)
     if name != "none":
-        patch_model(model, name, factor=2, **params)
+        patch_model(model, name, factor=LENGTH / ORIGINAL, **params)
     try:
         yield
     finally:
@@ -140,9 +143,10 @@ def report(state: dict) -> str:
     control = state.get("control")
     base = state["configs"].get("none")
     if control:
-        lines += [f"Control (unpatched, 8k sliding window over positions 8k–16k): **{fmt(control['ppl_8k_16k'])}** "
+        lines += [f"Control (unpatched, 8k sliding window over positions 8k–{LENGTH // 1024}k): **{fmt(control['ppl_8k_16k'])}** "
                   f"(buckets {', '.join(fmt(b['perplexity']) for b in control['buckets'])})", ""]
-    lines += ["| config | PPL 0–16k | PPL 8k–16k | vs control | " + " | ".join(f"{b // 1024}k" for b in range(0, LENGTH, 2048))
+    k = LENGTH // 1024
+    lines += [f"| config | PPL 0–{k}k | PPL 8k–{k}k | vs control | " + " | ".join(f"{b // 1024}k" for b in range(0, LENGTH, 2048))
               + " | prefill s | × none | peak extra MiB |",
               "|---|---|---|---|" + "---|" * (LENGTH // 2048) + "---|---|---|"]
     for name, r in state["configs"].items():
@@ -154,7 +158,7 @@ def report(state: dict) -> str:
     decode = state.get("decode") or {}
     if decode:
         base_tok = decode.get("none", {}).get("seconds_per_token")
-        lines += ["", "| config | s / generated token (16k cache) | × none |", "|---|---|---|"]
+        lines += ["", f"| config | s / generated token ({LENGTH // 1024}k cache) | × none |", "|---|---|---|"]
         for name, r in decode.items():
             ratio = f"{r['seconds_per_token'] / base_tok:.2f}" if base_tok else "–"
             lines.append(f"| {name} | {r['seconds_per_token']:.3f} | {ratio} |")
@@ -168,12 +172,14 @@ def report(state: dict) -> str:
             name = key.rsplit("|", 1)[0]
             c, t = totals.get(name, (0, 0))
             totals[name] = (c + r["correct"], t + r["total"])
-        lines += [""] + [f"Passkey at 16k, {name}: {c}/{t} keys over all depths" for name, (c, t) in totals.items()]
+        lines += [""] + [f"Passkey at {LENGTH // 1024}k, {name}: {c}/{t} keys over all depths" for name, (c, t) in totals.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global LENGTH
     args = parse_args(argv)
+    LENGTH = args.length
     state = json.loads(args.out.read_text()) if args.out.exists() else {"configs": {}, "passkey": {}}
     if args.report_only:
         print(report(state))
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     from hf_rope_ext.loading import load_model
 
     def save():
-        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": LENGTH, "factor": 2,
+        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": LENGTH,
+                         "factor": LENGTH / ORIGINAL,
                          "text": args.text, "offset": args.offset, "dtype": args.dtype, "device": args.device,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
