@@ -1149,16 +1149,15 @@ def _limitations(saved: SavedModel, template: str, results: Results) -> list[str
         items.append(
             f"Attention: config.json sets `attn_implementation: {name}`, the attention function hf_rope_ext "
             "registers. `import hf_rope_ext` before `from_pretrained` gives the extended model; without the plugin "
-            f"transformers refuses to load it (\"attn_implementation={name} is not supported\") rather than load "
-            "something else. `from_pretrained(..., attn_implementation=\"sdpa\")` loads the original model on purpose."
+            "transformers refuses to load it (unknown attention implementation / rope type) rather than load "
+            "something else. `hf_rope_ext.unpatch_model(model)` after loading gives the original model."
         )
         if meta.get("kind") == "attention":
             items.append(
-                "Serving engines (vLLM, SGLang, TGI, llama.cpp) ignore `attn_implementation`: they read this "
-                f"config as the original model at its trained length of {original} tokens (config.json keeps "
-                f"`max_position_embeddings` {original} and the original rope parameters), which is the same model "
-                f"as the extended one for inputs shorter than {attention.get('exact_below', '?')} tokens; the "
-                "extension itself runs only in transformers with the plugin."
+                "Serving engines (vLLM, SGLang, TGI, llama.cpp) do not know the rope type "
+                "`hf_rope_ext_attention` and refuse this config; the extension runs only in transformers with the "
+                f"plugin. Below {attention.get('exact_below', '?')} tokens the model is exactly the base model, so "
+                "engines can serve the base checkpoint for short inputs."
             )
         else:
             items.append("Serving engines ignore `attn_implementation`: they run the rope scaling below without the "

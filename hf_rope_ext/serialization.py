@@ -103,10 +103,32 @@ def register_plugin_type(spec: registry.MethodSpec) -> None:
     setattr(RotaryEmbeddingConfigMixin, f"_validate_{rope_type}_rope_parameters", _validate_plugin)
 
 
+ATTENTION_ROPE_TYPE = "hf_rope_ext_attention" + PLUGIN_SUFFIX
+"""rope_type written for the layers an attention-level method acts on: the trained RoPE, unchanged, under a name that
+only exists with the plugin. Loading re-attaches the attention implementation (transformers does not keep
+``attn_implementation`` through a load and a save), and readers without the plugin fail instead of silently running
+the original model."""
+
+
+def _attention_init_fn(config: Any, device: Any = None, seq_len: Any = None, layer_type: str | None = None):
+    """ROPE_INIT_FUNCTIONS entry of ``ATTENTION_ROPE_TYPE``: the default RoPE frequencies, as the models' own
+    ``compute_default_rope_parameters``; and the model switched to the attention implementation its record names."""
+    rope_parameters = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+    name = ((getattr(config, "hf_rope_ext", None) or {}).get("attention") or {}).get("implementation")
+    if name and getattr(config, "_attn_implementation", None) != name:
+        config._attn_implementation = name
+        config.attn_implementation = name  # written again by the next save_pretrained
+    return default_inv_freq(dim, float(rope_parameters["rope_theta"]), device), 1.0
+
+
 def register_all() -> None:
     for spec in registry.METHODS.values():
         register_plugin_type(spec)
     registry.ON_REGISTER.append(register_plugin_type)
+    ROPE_INIT_FUNCTIONS[ATTENTION_ROPE_TYPE] = _attention_init_fn
+    setattr(RotaryEmbeddingConfigMixin, f"_validate_{ATTENTION_ROPE_TYPE}_rope_parameters", lambda *a, **k: None)
 
 
 assert modeling_rope_utils.ROPE_INIT_FUNCTIONS is ROPE_INIT_FUNCTIONS

@@ -400,17 +400,45 @@ def test_unsupported_family_and_sliding_window_models_are_refused_by_name():
         patch_model(gemma2, "dca", factor=2, attn_implementation="sdpa")
 
 
-def test_attention_method_keeps_the_config_servable_at_the_original_length():
+def test_attention_method_config_keeps_the_trained_rope_under_a_plugin_name():
     model = tiny_model("llama")
     original = model.config.to_dict()
     patch_model(model, "rerope", factor=4)
     config = model.config.to_dict()
-    assert config["rope_parameters"] == original["rope_parameters"]
+    rope = dict(config["rope_parameters"])
+    assert rope.pop("rope_type") == "hf_rope_ext_attention (requires: import hf_rope_ext)"
+    assert rope == {k: v for k, v in original["rope_parameters"].items() if k != "rope_type"}
     assert config["max_position_embeddings"] == L
     assert config["attn_implementation"] == "hf_rope_ext"
     info = patch_info(model)
     assert info["max_position_embeddings"] == 4 * L and info["kind"] == "attention"
     assert info["parameters"]["window"] == L // 4  # the default, resolved and recorded
+    unpatch_model(model)
+    assert model.config.to_dict() == original
+
+
+def test_reload_then_save_again_stays_extended(tmp_path):
+    """transformers does not carry attn_implementation through a load and a save; the plugin rope type puts it back."""
+    from .utils import run_python
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 100))
+    patch_model(model, "rerope", factor=2, window=16)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "a")
+    torch.save(ids, tmp_path / "ids.pt")
+    code = f"""
+import torch, hf_rope_ext
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({str(tmp_path / "a")!r}).save_pretrained({str(tmp_path / "b")!r})
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "b")!r}).eval()
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+"""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-5)
 
 
 def test_training_takes_the_differentiable_path_and_agrees_with_inference():

@@ -4,14 +4,13 @@ log-n query scaling.
 Nothing of the model is replaced: the model is switched, with ``set_attn_implementation``, to the attention function
 registered in ``attention_kernel`` ("hf_rope_ext" over sdpa, "hf_rope_ext_eager" over eager), which reads the method
 from ``config.hf_rope_ext`` per layer. The rotary frequencies and ``max_position_embeddings`` stay the original ones
-(the methods re-position pairs on the trained RoPE), so an engine that reads only ``config.json`` serves the original
-model at its trained length -- identical to the patched one below the method's window -- and never a silently
-different one. The new length goes to ``patch_info`` and the tokenizer.
+(the methods re-position pairs on the trained RoPE); the new length goes to ``patch_info`` and the tokenizer.
 
-Saving: the config gets an ``attn_implementation`` entry naming the function; transformers reads it back, so
-``import hf_rope_ext`` then ``from_pretrained(path)`` gives the patched model, and without the plugin
-``from_pretrained`` fails with "Specified attn_implementation="hf_rope_ext" is not supported" instead of loading
-something else.
+Saving: the config gets an ``attn_implementation`` entry naming the function, and the patched layers' rope_type
+becomes ``serialization.ATTENTION_ROPE_TYPE`` (the trained RoPE under a plugin-only name, whose init function switches
+the loaded model back to the attention function -- transformers drops ``attn_implementation`` on a load-and-save).
+``import hf_rope_ext`` then ``from_pretrained(path)`` gives the patched model; without the plugin transformers and
+serving engines fail on the unknown names instead of running something else.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import families, registry
+from .. import families, registry, serialization
 from ..methods._rope_base import default_inv_freq
 from . import attention_kernel
 from .rotary import _rope_config
@@ -104,6 +103,8 @@ def undo_switch(model: nn.Module, meta: dict[str, Any]) -> None:
 @dataclass
 class AttentionPlan:
     switch: AttentionSwitch
+    config: Any
+    rope_parameters: dict[str, Any]  # what config.rope_parameters becomes (plugin rope type on the patched layers)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def needs_generate_wrapper(self, model: nn.Module) -> bool:
@@ -111,6 +112,7 @@ class AttentionPlan:
 
     def apply(self) -> None:
         self.switch.apply()
+        self.config.rope_parameters = copy.deepcopy(self.rope_parameters)
 
 
 def plan(
@@ -137,7 +139,7 @@ def plan(
         if existing
         else {"max_position_embeddings": config.max_position_embeddings}
     )
-    active, skipped = [], {}
+    active, skipped, prefixes = [], {}, set()
     for module in families.attention_modules(model):
         if module.config is not config:
             continue
@@ -159,6 +161,7 @@ def plan(
                 f"{rot_dim} dimensions in its config; attention-level methods re-rotate with the config's RoPE"
             )
         active.append(module.layer_idx)
+        prefixes.add(prefix)
     if not active:
         reasons = sorted(set(skipped.values()))
         raise ValueError(
@@ -169,9 +172,16 @@ def plan(
         )
     layout = spec.compute(params)
     switch.meta = {**switch.meta, "layers": sorted(active), "exact_below": int(layout.exact_below)}
+    rope_parameters = copy.deepcopy(original_rp)
+    for prefix in prefixes:
+        entry = rope_parameters[prefix] if prefix else rope_parameters
+        entry["rope_type"] = serialization.ATTENTION_ROPE_TYPE
     return AttentionPlan(
         switch,
+        config,
+        rope_parameters,
         meta={
+            "rope_parameters_written": {str(p): serialization.ATTENTION_ROPE_TYPE for p in sorted(prefixes, key=str)},
             "attention": switch.meta,
             "native": False,
             "requires_plugin": True,
@@ -184,3 +194,4 @@ def plan(
 
 def undo(model: nn.Module, meta: dict[str, Any]) -> None:
     undo_switch(model, meta["attention"])
+    _rope_config(model)[1].rope_parameters = copy.deepcopy(meta["original_rope_parameters"])
