@@ -14,6 +14,7 @@ SCRIPTS = [
     "benchmarks/bench_testbed.py",
     "benchmarks/bench_overhead.py",
     "benchmarks/bench_finetune_cost.py",
+    "benchmarks/bench_attention.py",
     "scripts/train_testbed.py",
 ]
 
