@@ -19,7 +19,7 @@ import torch
 from transformers import modeling_rope_utils
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 
-from . import registry
+from . import families, registry
 from .methods._rope_base import default_inv_freq
 
 PLUGIN_SUFFIX = " (requires: import hf_rope_ext)"
@@ -113,14 +113,12 @@ the original model."""
 def _attention_init_fn(config: Any, device: Any = None, seq_len: Any = None, layer_type: str | None = None):
     """ROPE_INIT_FUNCTIONS entry of ``ATTENTION_ROPE_TYPE``: the default RoPE frequencies, as the models' own
     ``compute_default_rope_parameters``; and the model switched to the attention implementation its record names."""
-    rope_parameters = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+    dim, base = families.rotary_geometry(config, layer_type)
     name = ((getattr(config, "hf_rope_ext", None) or {}).get("attention") or {}).get("implementation")
     if name and getattr(config, "_attn_implementation", None) != name:
         config._attn_implementation = name
         config.attn_implementation = name  # written again by the next save_pretrained
-    return default_inv_freq(dim, float(rope_parameters["rope_theta"]), device), 1.0
+    return default_inv_freq(dim, base, device), 1.0
 
 
 def register_all() -> None:

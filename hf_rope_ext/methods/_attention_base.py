@@ -45,6 +45,13 @@ class AttentionParams:
         self.factor = float(self.factor)
         self.original_max_position_embeddings = int(n)
 
+    def resolve_window(self, hint: str = "") -> int:
+        """``self.window`` checked to lie in [1, L) (None: L // 4, the default of the window methods)."""
+        L = self.original_max_position_embeddings
+        window = L // 4 if self.window is None else self.window
+        self.window = check_int("window", window, 1, L, f" (the original length is {L}{hint})")
+        return self.window
+
     @property
     def target_length(self) -> int:
         """N = round(s * L): the length the method must reach."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register_method
-from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, check_int, near
+from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, near
 
 
 @dataclass
@@ -23,9 +23,7 @@ class LeakyReRoPEParams(AttentionParams):
     def validate(self) -> None:
         super().validate()
         L = self.original_max_position_embeddings
-        if self.window is None:
-            self.window = L // 4
-        self.window = check_int("window", self.window, 1, L, f" (the original length is {L})")
+        self.resolve_window()
         if isinstance(self.leak, bool) or not isinstance(self.leak, (int, float)) or not math.isfinite(self.leak):
             raise ValueError(f"leak must be a finite number > 1, got {self.leak!r}")
         if self.leak <= 1:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register_method
-from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, check_int, constant, near
+from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, constant, near
 
 
 @dataclass
@@ -20,10 +20,7 @@ class ReRoPEParams(AttentionParams):
 
     def validate(self) -> None:
         super().validate()
-        L = self.original_max_position_embeddings
-        if self.window is None:
-            self.window = L // 4
-        self.window = check_int("window", self.window, 1, L, f" (the original length is {L}; Su: L/8 to L/2)")
+        self.resolve_window("; Su: L/8 to L/2")
 
 
 def rerope_layout(window: int) -> AttentionLayout:

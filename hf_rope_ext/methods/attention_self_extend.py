@@ -25,9 +25,7 @@ class SelfExtendParams(AttentionParams):
     def validate(self) -> None:
         super().validate()
         L, N = self.original_max_position_embeddings, self.target_length
-        if self.window is None:
-            self.window = L // 4
-        self.window = check_int("window", self.window, 1, L, f" (the original length is {L})")
+        self.resolve_window()
         W = self.window
         if self.group_size is None:
             room = L // 2 - W
