@@ -497,3 +497,21 @@ def test_cli_patch_with_an_attention_method_then_eval_reloads_it(tmp_path, token
     proc = run_python(check)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith(str(2 * L))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, params", [("self_extend", dict(window=16, group_size=16)),
+                                            ("dca", dict(chunk_size=40, local_window=8)), ("rerope", dict(window=16))])
+def test_long_sequence_with_default_query_blocks_matches_reference(method, params):
+    """700 tokens, the default 512-query blocks (two blocks, every piece kind at full size), against the naive
+    reference; prints the largest difference (RESULTS.md §5 quotes it)."""
+    model = tiny_model("llama")
+    n = 700
+    ids = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(0))
+    patch_model(model, method, max_position_embeddings=768, **params)
+    with torch.no_grad():
+        got = model(ids).logits
+    unpatch_model(model)
+    want = reference_logits(model, method, params, ids, torch.ones_like(ids), torch.arange(n)[None])
+    print(f"{method}: max |logit difference| {float((got - want).abs().max()):.2e}")
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
