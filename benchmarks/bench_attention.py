@@ -46,7 +46,7 @@ DEFAULT_CONFIGS = "none,yarn,yarn:logn=true,dca,self_extend,rerope,leaky_rerope,
 
 def parse_config(text: str) -> tuple[str, dict]:
     """'self_extend:group_size=4:window=1024' -> ('self_extend', {'group_size': 4, 'window': 1024})."""
-    from hf_rope_ext.cli import parse_value
+    from hf_rope_ext.registry import parse_param_value as parse_value
 
     name, *items = text.split(":")
     params = {}

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import subcommand
-
 logger = logging.getLogger(__name__)
 
 META_KEY = "hf_rope_ext"
@@ -390,48 +388,6 @@ def _undo(api: Any, repo_id: str, revision: str | None, created_repo: bool, crea
         what = f"repo {repo_id}" if created_repo else f"branch {revision} of {repo_id}"
         return f"; could NOT delete the {what} this push created ({err}): remove it by hand"
     return ""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-
-def _push_args(p: Any) -> None:
-    p.add_argument("folder",
-                   help="saved extended model: weights, config.json with 'hf_rope_ext', tokenizer, README.md")
-    p.add_argument("repo_id", help="Hub model repo, owner/name (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--revision", help="branch to push to (created if missing; default main)")
-    p.add_argument("--commit-message", help="commit title (default names method, factor and lengths)")
-    p.add_argument("--dry-run", action="store_true", help="list exactly what would be sent; contact nothing")
-    p.add_argument("--include-checkpoints", action="store_true",
-                   help="also send training checkpoints and optimizer / scheduler / RNG states")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="leave out files matching this pattern (relative path or file name); repeatable")
-
-
-@subcommand("push", "upload a saved extended model (with its card) to the Hugging Face Hub", _push_args)
-def _push(args: Any) -> int:
-    if args.dry_run:
-        plan = plan_push(args.folder, include_checkpoints=args.include_checkpoints, exclude=args.exclude)
-        print(plan.describe(args.repo_id, args.revision, args.private))
-        if not plan.ok:
-            print("dry run: this push would be refused", flush=True)
-            return 2
-        print("dry run: nothing was sent")
-        return 0
-    result = push_folder(
-        args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
-        include_checkpoints=args.include_checkpoints, exclude=args.exclude,
-    )
-    from . import cards
-
-    card = Path(args.folder, "README.md").read_text(encoding="utf-8")
-    if cards.read_marker(card) and result.repo_id not in card:
-        print(f"note: the card's loading code does not name {result.repo_id}; re-run "
-              f"`hf-rope-ext card {args.folder} --repo-id {result.repo_id}` and push again", file=sys.stderr)
-    print(f"pushed {len(result.files)} files to {result.url}")
-    print(f"commit: {result.commit_url}")
-    return 0
 
 
 __all__ = ["plan_push", "push_folder", "PushPlan", "PushResult", "PushError", "CHECKPOINT_DIRS", "CHECKPOINT_FILES"]

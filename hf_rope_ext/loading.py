@@ -57,6 +57,31 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def load_config(source: str | os.PathLike) -> Any:
+    """The model config alone (no weights read) from the same sources as :func:`load_model`: a folder, a ``.gguf``
+    file (its metadata), a Hub id, or the aliases "smollm2" / "minilm"."""
+    from transformers import AutoConfig
+
+    source = str(source)
+    aliases = {"smollm2": smollm2_gguf_path, "minilm": minilm_path}
+    if source in aliases:
+        source = str(aliases[source]())
+    path = Path(source)
+    try:
+        if source.endswith(".gguf"):
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {source}")
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if path.exists() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{source} has no config.json; expected a saved transformers model folder")
+        return AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not read the config of {source!r}: not a local model folder or .gguf file, and not available "
+            f"from the Hub (offline, or not cached). Original error: {err}"
+        ) from err
+
+
 def load_model(
     source: str | os.PathLike,
     *,

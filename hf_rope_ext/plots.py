@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import families
+from . import families, patching
 from .registry import get_method
 
 REGIME_TOLERANCE = 0.01
@@ -282,6 +282,31 @@ def rope_geometry(model: nn.Module) -> dict[str, Any]:
         rp = rp[prefix]
     inv_freq = getattr(module, f"{prefix}_inv_freq" if prefix else "inv_freq")
     return {"head_dim": 2 * inv_freq.numel(), "base": float(rp["rope_theta"]), "original_length": original_length_of(model)}
+
+
+def config_rope_geometry(config: Any) -> dict[str, Any]:
+    """:func:`rope_geometry` from a config alone (no weights): the original rotary parameters when it is patched."""
+    import copy
+
+    meta = getattr(config, patching.META_KEY, None)
+    rp = meta["original_rope_parameters"] if meta else getattr(config, "rope_parameters", None)
+    if not isinstance(rp, Mapping):
+        raise ValueError(f"{type(config).__name__} has no rotary parameters; wavelength plots apply to RoPE models")
+    prefix = None
+    if "rope_theta" not in rp:  # per-layer-type (Gemma-3): the global layers
+        prefix = "full_attention" if "full_attention" in rp else next(iter(rp))
+    config = copy.copy(config)
+    config.rope_parameters = rp
+    head_dim, base = families.rotary_geometry(config, prefix)
+    if meta:
+        original = int(meta["original_max_position_embeddings"])
+    else:
+        original = next((v for v in (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions",
+                                                                         "max_sequence_length", "seq_length"))
+                         if isinstance(v, int)), None)
+        if original is None:
+            raise ValueError(f"cannot tell the trained length of {type(config).__name__} from its config")
+    return {"head_dim": head_dim, "base": base, "original_length": original}
 
 
 def plot_rope_wavelengths(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -150,3 +150,26 @@ def list_methods(kind: Kind | None = None) -> list[dict[str, Any]]:
 
 
 __all__ = ["METHODS", "MethodSpec", "register_method", "get_method", "list_methods", "method_names", "field"]
+
+
+def parse_param_value(text: str) -> Any:
+    """One ``key=value`` value from a command line: JSON when it parses (numbers, true/false, null, lists, objects),
+    else the string itself. The one rule for ``--param`` everywhere (``hf-rope-ext`` and the fine-tune recipe)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_param_items(items: Iterable[str] | None, option: str = "--param") -> dict[str, Any]:
+    """``["beta_fast=16", "logn=true"]`` -> ``{"beta_fast": 16, "logn": True}`` (values by :func:`parse_param_value`).
+    An item without ``=`` is refused naming ``option``."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{option} expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = parse_param_value(value)
+    return params

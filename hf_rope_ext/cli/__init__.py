@@ -1,0 +1,78 @@
+"""``hf-rope-ext`` command line: one module per subcommand group, each calling library functions only.
+
+    methods.py   hf-rope-ext methods
+    patch.py     hf-rope-ext patch | unpatch
+    eval.py      hf-rope-ext eval ppl|passkey|needle | compare
+    plot.py      hf-rope-ext plot ppl|positions|heatmap|wavelengths|similarity
+    demo.py      hf-rope-ext demo
+    card.py      hf-rope-ext card
+    push.py      hf-rope-ext push
+    finetune.py  hf-rope-ext finetune | recipes list|cp
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import card, demo, eval, finetune, methods, patch, plot, push  # noqa: F401  (each registers its subcommands)
+from ._common import SUBCOMMANDS, add_patch_arguments, add_verbose, parse_params, parse_value, patch_kwargs, subcommand
+
+__all__ = ["main", "build_parser", "subcommand", "add_patch_arguments", "patch_kwargs", "parse_params", "parse_value"]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hf_rope_ext")
+    except PackageNotFoundError:  # a source tree that was never installed
+        from .. import __version__
+
+        return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-rope-ext",
+        description="Extend the context window of HF transformer models.",
+        epilog="example:\n  hf-rope-ext patch smollm2 --method yarn --factor 2 --out out/smollm2-yarn-16k\n"
+        "run `hf-rope-ext COMMAND --help` for a command's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress information")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run, example) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=example,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_verbose(p)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _recipe_passthrough(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """``[-v] finetune ARGS...`` -> (top-level args, ARGS): the recipe parses its own arguments (and ``--help``)."""
+    for i, token in enumerate(argv):
+        if not token.startswith("-"):
+            return (argv[:i], argv[i + 1 :]) if token == "finetune" else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    passthrough = _recipe_passthrough(argv)
+    if passthrough is not None:
+        args = parser.parse_args([*passthrough[0], "finetune"])
+        args.recipe_args = passthrough[1]
+    else:
+        args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
