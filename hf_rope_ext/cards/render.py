@@ -38,10 +38,7 @@ PLOTS_DIR = "plots"
 MARKER_PREFIX = "<!-- hf-rope-ext card:"
 """First line of a card's body; carries the fingerprint of the config it was rendered from (checked by push)."""
 
-TEMPLATE_DIRS: tuple[Path, ...] = (
-    Path(__file__).resolve().parent / "model_cards",  # packaged copy, if the wheel ships one
-    Path(__file__).resolve().parent.parent / "model_cards",  # source checkout / editable install
-)
+TEMPLATE_DIRS: tuple[Path, ...] = (Path(__file__).resolve().parent / "templates",)  # shipped inside the package
 TEMPLATE_NAMES: tuple[str, ...] = ("causal_lm", "encoder")
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp")
 
@@ -768,7 +765,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _method_spec(name: str) -> Any:
-    from . import registry
+    from .. import registry
 
     return registry.METHODS.get(name)
 
