@@ -222,6 +222,43 @@ def find_family(model: nn.Module) -> RopeFamily | TableFamily:
     )
 
 
+def table_modules(model: nn.Module, family: TableFamily) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every position table of ``family`` in ``model`` (encoder and decoder of a seq2seq model);
+    none found raises ``ValueError`` naming what was looked for. The one position-table finder of the library."""
+    found = []
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in family.tables):
+            continue
+        if isinstance(getattr(module, family.weight, None), torch.Tensor):
+            found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"no position table found in {type(model).__name__}: expected a module named {' or '.join(family.tables)} "
+            f"with a '{family.weight}' tensor"
+        )
+    return found
+
+
+def table_row_offset(family: TableFamily, module: nn.Module) -> int:
+    """Leading rows of ``module``'s table that are not positions 0, 1, ... (OPT 2; RoBERTa padding_idx + 1)."""
+    if not family.row_offset_from_padding_idx:
+        return family.row_offset
+    padding_idx = getattr(module, "padding_idx", None)
+    if padding_idx is None:
+        raise ValueError(
+            f"{type(module).__name__} has no padding_idx; this family's positions start after the padding row"
+        )
+    return family.row_offset + int(padding_idx) + 1
+
+
+def table_family(model: nn.Module) -> TableFamily:
+    """The model's learned/fixed position-table family; a rotary or unsupported model raises ``ValueError``."""
+    family = find_family(model)
+    if not isinstance(family, TableFamily):
+        raise ValueError(f"{type(model).__name__} uses rotary position encodings, not a position table")
+    return family
+
+
 def rope_layer_prefixes(
     family: RopeFamily, config: Any, layer_types: list[str] | tuple[str, ...] | None
 ) -> list[str | None]:

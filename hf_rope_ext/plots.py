@@ -358,37 +358,15 @@ def plot_rope_wavelengths(
 # --------------------------------------------------------------------------------------------------------------------
 # learned position tables
 
-_TABLE_NAMES = ("wpe", "position_embeddings", "embed_positions")
 
 
 def position_table(model: nn.Module) -> torch.Tensor:
     """The absolute position table of ``model`` as ``[positions, hidden]``, rows for real positions only (a leading
-    offset such as RoBERTa's or OPT's 2 rows is dropped).
-
-    Uses the model's entry in ``families`` when it has one (table module names, weight attribute, row offset), else
-    looks for an ``nn.Embedding`` named wpe / position_embeddings / embed_positions."""
-    try:
-        family = families.find_family(model)
-    except ValueError:
-        family = None
-    tables = getattr(family, "tables", None)
-    if tables:
-        for name, module in model.named_modules():
-            if any(name == t or name.endswith("." + t) for t in tables):
-                weight = getattr(module, getattr(family, "weight", "weight"))
-                offset = int(getattr(family, "row_offset", 0))
-                padding_idx = getattr(module, "padding_idx", None)
-                if getattr(family, "row_offset_from_padding_idx", False) and padding_idx is not None:
-                    offset += int(padding_idx) + 1
-                return weight.detach().float().cpu()[offset:]  # [n, h]
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _TABLE_NAMES:
-            weight = module.weight.detach().float().cpu()  # [n, h]
-            offset = getattr(module, "offset", None)
-            if not isinstance(offset, int):
-                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
-            return weight[offset:]
-    raise ValueError(f"{type(model).__name__} has no learned position table ({', '.join(_TABLE_NAMES)})")
+    offset such as RoBERTa's or OPT's 2 rows is dropped), found through its ``families`` entry."""
+    family = families.table_family(model)
+    _, module = families.table_modules(model, family)[0]
+    weight = getattr(module, family.weight)
+    return weight.detach().float().cpu()[families.table_row_offset(family, module):]  # [n, h]
 
 
 def position_similarity(weight: torch.Tensor, max_points: int | None = None) -> torch.Tensor:

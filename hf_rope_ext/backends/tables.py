@@ -34,32 +34,6 @@ _SAVED_BUFFERS = "_hf_rope_ext_buffers_saved"  # on a module: {buffer name: orig
 # locating things
 
 
-def _table_modules(model: nn.Module, family: families.TableFamily) -> list[tuple[str, nn.Module]]:
-    found = []
-    for name, module in model.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in family.tables):
-            continue
-        if isinstance(getattr(module, family.weight, None), torch.Tensor):
-            found.append((name, module))
-    if not found:
-        raise ValueError(
-            f"no position table found in {type(model).__name__}: expected a module named {' or '.join(family.tables)} "
-            f"with a '{family.weight}' tensor"
-        )
-    return found
-
-
-def _row_offset(family: families.TableFamily, module: nn.Module) -> int:
-    if not family.row_offset_from_padding_idx:
-        return family.row_offset
-    padding_idx = getattr(module, "padding_idx", None)
-    if padding_idx is None:
-        raise ValueError(
-            f"{type(module).__name__} has no padding_idx; this family's positions start after the padding row"
-        )
-    return family.row_offset + int(padding_idx) + 1
-
-
 def _config_length(family: families.TableFamily, config: Any) -> int:
     values = {f: getattr(config, f, None) for f in family.config_fields}
     missing = [f for f, v in values.items() if v is None]
@@ -221,8 +195,8 @@ def original_length(model: nn.Module, family: families.TableFamily, existing: di
     """Number of position rows the model had before any patch (offset rows not counted)."""
     if existing:
         return int(existing["original_max_position_embeddings"])
-    _, module = _table_modules(model, family)[0]
-    return _config_length(family, model.config) - _config_offset(family, _row_offset(family, module))
+    _, module = families.table_modules(model, family)[0]
+    return _config_length(family, model.config) - _config_offset(family, families.table_row_offset(family, module))
 
 
 def _methods_for(formula: bool) -> list[str]:
@@ -300,8 +274,8 @@ def plan(
     original_config = (
         dict(existing["original_config"]) if existing else {f: getattr(config, f) for f in family.config_fields}
     )
-    found = _table_modules(model, family)
-    offsets = {_row_offset(family, module) for _, module in found}
+    found = families.table_modules(model, family)
+    offsets = {families.table_row_offset(family, module) for _, module in found}
     if len(offsets) != 1:
         raise ValueError(f"position tables of {model_type!r} have different row offsets {sorted(offsets)}")
     offset = offsets.pop()
@@ -435,7 +409,7 @@ def undo(model: nn.Module, meta: dict[str, Any]) -> None:
 
     # compute everything first: a reloaded model whose rows cannot be recovered raises before any change
     restores: list[tuple[nn.Module, torch.Tensor]] = []
-    for _, module in _table_modules(model, family):
+    for _, module in families.table_modules(model, family):
         current = getattr(module, family.weight)
         saved = module.__dict__.get(_SAVED_TABLE)
         if saved is None:
