@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -36,6 +38,17 @@ def patch_info(model: nn.Module) -> dict[str, Any] | None:
     Reads the config, so it also works on a patched model saved and reloaded in another process."""
     meta = getattr(getattr(model, "config", None), META_KEY, None)
     return copy.deepcopy(meta) if meta else None
+
+
+def _base_model_id(model: nn.Module, existing: dict[str, Any] | None) -> str | None:
+    """The Hub id of the model being extended, for the card's ``base_model`` (the Hub's model tree): kept from an
+    earlier patch, else ``config._name_or_path`` when it is ``owner/name`` and not a folder on this machine."""
+    if existing and existing.get("base_model"):
+        return existing["base_model"]
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) or ".." in name:
+        return None
+    return None if Path(name).expanduser().exists() else name
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -141,6 +154,7 @@ def patch_model(
         "dynamic": spec.dynamic,
         "paper": spec.paper,
         "library_version": _version(),
+        "base_model": _base_model_id(model, existing),
         **plan.meta,
     }
     setattr(model.config, META_KEY, meta)
