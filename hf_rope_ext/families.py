@@ -4,7 +4,7 @@ Rotary families: the rotary module is found structurally (a ``*RotaryEmbedding``
 ``{layer_type}_inv_freq`` buffers and the config they were computed from); this table lists the model types verified to
 follow that layout and what differs between them.
 
-Table families (learned or fixed sinusoidal absolute positions): ``TableFamily`` says where the table lives, how many
+Table families (learned or fixed sinusoidal absolute positions): ``AbsoluteFamily`` says where the table lives, how many
 leading rows are not positions, which config fields, buffers and module attributes are sized by it, and for fixed
 sinusoidal tables the model's own formula.
 """
@@ -85,7 +85,7 @@ def _distilbert_sinusoid(module: nn.Module, rows: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TableFamily:
+class AbsoluteFamily:
     """A group of model types whose absolute position table is extended the same way."""
 
     model_types: tuple[str, ...]
@@ -129,34 +129,34 @@ class TableFamily:
 
 _BERT_BUFFERS = ("position_ids", "token_type_ids")
 
-TABLE_FAMILIES: tuple[TableFamily, ...] = (
-    TableFamily(model_types=("gpt2",), tables=("wpe",), config_fields=("n_positions",)),  # also DistilGPT-2
-    TableFamily(model_types=("gpt_bigcode",), tables=("wpe",), config_fields=("n_positions",), masks=("bias",)),
-    TableFamily(model_types=("gpt_neo",), tables=("wpe",), masks=("bias",)),
-    TableFamily(
+ABSOLUTE_FAMILIES: tuple[AbsoluteFamily, ...] = (
+    AbsoluteFamily(model_types=("gpt2",), tables=("wpe",), config_fields=("n_positions",)),  # also DistilGPT-2
+    AbsoluteFamily(model_types=("gpt_bigcode",), tables=("wpe",), config_fields=("n_positions",), masks=("bias",)),
+    AbsoluteFamily(model_types=("gpt_neo",), tables=("wpe",), masks=("bias",)),
+    AbsoluteFamily(
         model_types=("opt",), tables=("embed_positions",), row_offset=2, module_attrs=("max_target_positions",)
     ),
-    TableFamily(model_types=("biogpt",), tables=("embed_positions",), row_offset=2),
-    TableFamily(
+    AbsoluteFamily(model_types=("biogpt",), tables=("embed_positions",), row_offset=2),
+    AbsoluteFamily(
         model_types=("bert", "electra", "ernie", "megatron-bert"),
         tables=("embeddings.position_embeddings",),
         buffers=_BERT_BUFFERS,
     ),
-    TableFamily(
+    AbsoluteFamily(
         model_types=("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl"),
         tables=("embeddings.position_embeddings",),
         row_offset_from_padding_idx=True,
         config_counts_offset=True,
         buffers=_BERT_BUFFERS,
     ),
-    TableFamily(
+    AbsoluteFamily(
         model_types=("distilbert",),
         tables=("embeddings.position_embeddings",),
         buffers=("position_ids",),
         sinusoid=_distilbert_sinusoid,
         sinusoid_flag="sinusoidal_pos_embds",
     ),
-    TableFamily(
+    AbsoluteFamily(
         model_types=("xglm",),
         tables=("embed_positions",),
         weight="weights",
@@ -164,7 +164,7 @@ TABLE_FAMILIES: tuple[TableFamily, ...] = (
         module_attrs=("max_target_positions", "num_positions"),
         sinusoid=_fairseq_sinusoid,
     ),
-    TableFamily(
+    AbsoluteFamily(
         model_types=("m2m_100",),
         tables=("embed_positions",),
         weight="weights",
@@ -172,7 +172,7 @@ TABLE_FAMILIES: tuple[TableFamily, ...] = (
         module_attrs=("max_source_positions", "max_target_positions", "num_positions"),
         sinusoid=_fairseq_sinusoid,
     ),
-    TableFamily(
+    AbsoluteFamily(
         model_types=("marian",),
         tables=("embed_positions",),
         module_attrs=("max_source_positions", "max_target_positions"),
@@ -182,7 +182,7 @@ TABLE_FAMILIES: tuple[TableFamily, ...] = (
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for fam in (*ROPE_FAMILIES, *TABLE_FAMILIES) for t in fam.model_types})
+    return sorted({t for fam in (*ROPE_FAMILIES, *ABSOLUTE_FAMILIES) for t in fam.model_types})
 
 
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
@@ -202,7 +202,7 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def find_family(model: nn.Module) -> RopeFamily | TableFamily:
+def find_family(model: nn.Module) -> RopeFamily | AbsoluteFamily:
     """The family entry for ``model``; unsupported models raise ``ValueError`` naming the supported model types."""
     types_seen = []
     rotary = rotary_modules(model)
@@ -213,7 +213,7 @@ def find_family(model: nn.Module) -> RopeFamily | TableFamily:
         for fam in ROPE_FAMILIES:
             if model_type in fam.model_types and rotary:
                 return fam
-        for fam in TABLE_FAMILIES:
+        for fam in ABSOLUTE_FAMILIES:
             if model_type in fam.model_types:
                 return fam
     raise ValueError(
@@ -222,7 +222,7 @@ def find_family(model: nn.Module) -> RopeFamily | TableFamily:
     )
 
 
-def table_modules(model: nn.Module, family: TableFamily) -> list[tuple[str, nn.Module]]:
+def table_modules(model: nn.Module, family: AbsoluteFamily) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every position table of ``family`` in ``model`` (encoder and decoder of a seq2seq model);
     none found raises ``ValueError`` naming what was looked for. The one position-table finder of the library."""
     found = []
@@ -239,7 +239,7 @@ def table_modules(model: nn.Module, family: TableFamily) -> list[tuple[str, nn.M
     return found
 
 
-def table_row_offset(family: TableFamily, module: nn.Module) -> int:
+def table_row_offset(family: AbsoluteFamily, module: nn.Module) -> int:
     """Leading rows of ``module``'s table that are not positions 0, 1, ... (OPT 2; RoBERTa padding_idx + 1)."""
     if not family.row_offset_from_padding_idx:
         return family.row_offset
@@ -251,10 +251,10 @@ def table_row_offset(family: TableFamily, module: nn.Module) -> int:
     return family.row_offset + int(padding_idx) + 1
 
 
-def table_family(model: nn.Module) -> TableFamily:
+def table_family(model: nn.Module) -> AbsoluteFamily:
     """The model's learned/fixed position-table family; a rotary or unsupported model raises ``ValueError``."""
     family = find_family(model)
-    if not isinstance(family, TableFamily):
+    if not isinstance(family, AbsoluteFamily):
         raise ValueError(f"{type(model).__name__} uses rotary position encodings, not a position table")
     return family
 

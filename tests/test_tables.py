@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_rope_ext import list_methods, patch_info, patch_model, unpatch_model
-from hf_rope_ext.families import TABLE_FAMILIES, TableFamily, find_family
+from hf_rope_ext.families import ABSOLUTE_FAMILIES, AbsoluteFamily, find_family
 from hf_rope_ext.registry import get_method
 
 from .utils import reload_outputs, run_python
@@ -252,9 +252,9 @@ def test_sinusoidal_method_checks_the_formula():
 
 
 def test_families_table_knows_the_issue_families():
-    types = {t for fam in TABLE_FAMILIES for t in fam.model_types}
+    types = {t for fam in ABSOLUTE_FAMILIES for t in fam.model_types}
     assert set(ALL) <= types
-    assert all(isinstance(f, TableFamily) and f.kind == "absolute" for f in TABLE_FAMILIES)
+    assert all(isinstance(f, AbsoluteFamily) and f.kind == "absolute" for f in ABSOLUTE_FAMILIES)
 
 
 def _check_family(model_type: str, method: str) -> None:

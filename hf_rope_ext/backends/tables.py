@@ -4,7 +4,7 @@ OPT, RoBERTa, ...) and fixed sinusoidal tables (Marian, M2M100, XGLM).
 Everything sized by the table changes together, as in nanoGPT's ``crop_block_size`` run backwards: the table rows,
 the config fields (``n_positions`` / ``max_position_embeddings``), buffers such as ``position_ids`` and
 ``token_type_ids``, square causal masks (GPT-Neo ``attn.bias``), and module attributes such as
-``max_target_positions``. ``families.TableFamily`` says where those live; the method (``registry``, kind "absolute")
+``max_target_positions``. ``families.AbsoluteFamily`` says where those live; the method (``registry``, kind "absolute")
 computes the new position rows from the trained ones and never sees the model.
 
 The table is part of the weights, so a patched model saves and reloads as a plain transformers model. ``undo``
@@ -34,7 +34,7 @@ _SAVED_BUFFERS = "_hf_rope_ext_buffers_saved"  # on a module: {buffer name: orig
 # locating things
 
 
-def _config_length(family: families.TableFamily, config: Any) -> int:
+def _config_length(family: families.AbsoluteFamily, config: Any) -> int:
     values = {f: getattr(config, f, None) for f in family.config_fields}
     missing = [f for f, v in values.items() if v is None]
     if missing:
@@ -44,7 +44,7 @@ def _config_length(family: families.TableFamily, config: Any) -> int:
     return int(next(iter(values.values())))
 
 
-def _config_offset(family: families.TableFamily, offset: int) -> int:
+def _config_offset(family: families.AbsoluteFamily, offset: int) -> int:
     return offset if family.config_counts_offset else 0
 
 
@@ -191,7 +191,7 @@ class _TablePlan:
             setattr(self.config, key, value)
 
 
-def original_length(model: nn.Module, family: families.TableFamily, existing: dict[str, Any] | None) -> int:
+def original_length(model: nn.Module, family: families.AbsoluteFamily, existing: dict[str, Any] | None) -> int:
     """Number of position rows the model had before any patch (offset rows not counted)."""
     if existing:
         return int(existing["original_max_position_embeddings"])
@@ -239,7 +239,7 @@ def _mask_names(meta: dict[str, Any]) -> set[str]:
 
 def plan(
     model: nn.Module,
-    family: families.TableFamily,
+    family: families.AbsoluteFamily,
     spec: registry.MethodSpec,
     params: Any,
     new_len: int,
@@ -399,7 +399,7 @@ def _position_formula(formula: Callable[[nn.Module, int], torch.Tensor], module:
 def undo(model: nn.Module, meta: dict[str, Any]) -> None:
     """Restore the original table, buffers, attributes and config (exactly, when patched in this process)."""
     family = families.find_family(model)
-    if not isinstance(family, families.TableFamily):
+    if not isinstance(family, families.AbsoluteFamily):
         raise ValueError(f"{families.model_type_of(model)!r} has no position table; cannot undo a table patch")
     config = model.config
     info = meta["table"]
