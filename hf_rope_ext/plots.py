@@ -78,9 +78,11 @@ def load_result(data: Any) -> Any:
 
 
 def _label(report: Any) -> str:
+    from .eval.compare import UNPATCHED
+
     patch = getattr(report, "patch", None)
     if not patch:
-        return "unpatched"
+        return UNPATCHED
     return f"{patch['method']} ×{patch['factor']:g}"
 
 

@@ -101,10 +101,11 @@ def _demo(args: argparse.Namespace) -> int:
     if not plan["passkey_lengths"]:
         report.notes.append(f"passkey not run: on a CPU each {longest}-token prompt costs about one more forward "
                             "per method and depth; add --passkey-lengths, or run with a GPU")
+    from ..eval.compare import UNPATCHED
     from ..registry import get_method
 
     # wavelengths describe rotary frequencies; attention-level methods keep the trained ones
-    wavelength_methods = [m for m in plan["methods"] if m != "none" and get_method(m).kind == "rope"]
+    wavelength_methods = [m for m in plan["methods"] if m != UNPATCHED and get_method(m).kind == "rope"]
     geometry = rope_geometry(model)
     report.notes.append(f"measurements took {report.seconds:.0f} s after a {load_seconds:.0f} s model load")
     print()

@@ -30,9 +30,11 @@ COMPARE_EXAMPLE = """example:
   hf-rope-ext compare smollm2 --methods none,linear,ntk,yarn --factor 2 --lengths 4k,8k,16k --out-dir compare_out"""
 
 def describe_patch(patch: dict[str, Any] | None, args: argparse.Namespace) -> str:
-    """``"yarn x2 (patched here)"``, ``"yarn x2 (found in the saved model)"`` or ``"unpatched"``."""
+    """``"yarn x2 (patched here)"``, ``"yarn x2 (found in the saved model)"`` or ``"none (not extended)"``."""
+    from ..eval.compare import UNPATCHED
+
     if not patch:
-        return "unpatched"
+        return f"{UNPATCHED} (not extended)"
     where = "patched here" if getattr(args, "method", None) else "found in the saved model"
     return f"{patch['method']} x{patch['factor']:g} ({where})"
 
