@@ -1,4 +1,4 @@
-"""recipes/finetune.py on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail.
+"""The fine-tune recipe (hf_rope_ext.recipes.finetune; recipes/finetune.py runs it from a clone) on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail.
 
 The "perplexity goes down" test needs a model that depends on positions: a 2-layer Llama is pretrained for ~140 steps
 at 64 tokens on periodic text (a random 16-letter unit repeated), which it can only predict by attending 16 tokens
@@ -24,13 +24,13 @@ import torch
 import yaml
 
 from hf_rope_ext import registry
-from hf_rope_ext.training import data, pose, s2attn
+from hf_rope_ext.training import data
 from hf_rope_ext.training.heldout import heldout_perplexity
 
 from .utils import reload_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "finetune.py"
+RECIPE = ROOT / "recipes" / "finetune.py"  # the shim that runs hf_rope_ext.recipes.finetune from a clone
 ENV = {
     **os.environ,
     "HF_HUB_OFFLINE": "1",
@@ -49,11 +49,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 @pytest.fixture(scope="module")
 def ft():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_recipe"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    from hf_rope_ext.recipes import finetune
+
+    return finetune
 
 
 @pytest.fixture(autouse=True)
@@ -222,12 +220,12 @@ def test_yarn_lora_finetune_recovers_and_reloads_natively(ft, pretrained_llama, 
     result = ft.run(o)
     assert not result.stopped and result.step == 30
     summary = result.summary
-    losses = [loss for _, loss in summary["loss_curve"]]
+    losses = [loss for _, loss in summary.loss_curve]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # training loss goes down
 
     # held-out perplexity at the target length (256) on text never trained on: far lower than zero-shot yarn
-    before, after = summary["eval"]["before"], summary["eval"]["after"]
+    before, after = summary.eval_before, summary.eval_after
     assert before["length"] == after["length"] == 256 and before["chunks"] == 4
     assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)
 
@@ -271,30 +269,6 @@ def test_yarn_lora_finetune_recovers_and_reloads_natively(ft, pretrained_llama, 
 # PoSE
 
 
-def test_pose_position_ids_cover_target_with_short_windows():
-    window, target = 64, 256
-    g = torch.Generator().manual_seed(0)
-    samples = torch.stack([pose.pose_position_ids(window, target, generator=g) for _ in range(400)])  # [400, 64]
-    assert samples.shape == (400, window)
-    diffs = samples[:, 1:] - samples[:, :-1]
-    assert (diffs >= 1).all()  # strictly increasing
-    assert ((diffs > 1).sum(dim=1) <= 1).all()  # two chunks: at most one jump
-    assert (samples[:, 0] == 0).all() and (samples <= target - 1).all()
-    assert samples.max() == target - 1 or samples.max() >= target - 4  # the far end is reached
-    # positions beyond the original window are trained often, and all over the target range
-    beyond = samples[samples >= window]
-    assert (samples.max(dim=1).values >= window).float().mean() > 0.7
-    hist = torch.histc(beyond.float(), bins=6, min=window, max=target)
-    assert (hist > 0).all(), hist
-    # three chunks: at most two jumps; same generator seed -> same samples
-    three = pose.pose_position_ids(window, target, num_chunks=3, generator=torch.Generator().manual_seed(1))
-    assert ((three[1:] - three[:-1]) > 1).sum() <= 2
-    again = pose.pose_position_ids(window, target, num_chunks=3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(three, again)
-    with pytest.raises(ValueError, match="window < target"):
-        pose.pose_position_ids(256, 256)
-
-
 def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, texts, tmp_path, monkeypatch):
     seen = []
     original = ft.make_batch
@@ -307,14 +281,14 @@ def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, text
     monkeypatch.setattr(ft, "make_batch", spy)
     o = options(ft, random_llama, tmp_path / "run", texts, tmp_path, method="linear", pose=True, max_steps=6)
     result = ft.run(o)
-    assert result.summary["seq_len"] == 64 and result.summary["target_length"] == 256
+    assert result.summary.seq_len == 64 and result.summary.target_length == 256
     assert len(seen) == 6
     for batch in seen:
         assert batch["input_ids"].shape == (2, 64)  # windows stay at the original length
         assert batch["position_ids"].shape == (2, 64) and batch["attention_mask"].all()
         assert batch["position_ids"].max() < 256
     assert max(int(b["position_ids"].max()) for b in seen) >= 128  # ... while positions reach far beyond 64
-    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.summary["loss_curve"])
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.summary.loss_curve)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["max_position_embeddings"] == 256
 
@@ -364,6 +338,8 @@ def test_sharded_engines_final_model_is_rebuilt_from_the_gathered_state(ft, rand
     model, tokenizer = load_model(o.model)
     ft.patch_model(model, o.method, factor=o.factor)
     plan = ft.make_plan(model, tokenizer, o)
+    skeleton = ft.meta_copy(model)  # taken before training, as the recipe does on the main process
+    assert all(p.is_meta for p in skeleton.parameters())  # no weight memory until the end
     trained = ft.make_trainable(model, o, plan).eval()  # eval: no LoRA dropout
     with torch.no_grad():  # pretend training moved every trainable weight
         for p in trained.parameters():
@@ -373,7 +349,7 @@ def test_sharded_engines_final_model_is_rebuilt_from_the_gathered_state(ft, rand
     probe = torch.randint(3, 200, (1, 64))
     with torch.no_grad():
         expected = trained(probe).logits
-        rebuilt = ft.rebuild_on_cpu(o, plan, state)
+        rebuilt = ft.rebuild_on_cpu(skeleton, o, plan, state)
         torch.testing.assert_close(rebuilt(probe).logits, expected, rtol=1e-4, atol=1e-4)  # merging rounds
     assert not hasattr(rebuilt, "peft_config")  # merged
 
@@ -511,48 +487,12 @@ def test_s2attn_on_an_unsupported_family_fails_early(ft, texts, tmp_path):
 
 
 def test_cli_reports_bad_configs_without_a_traceback(ft, tmp_path, caplog):
-    assert ft.cli(["--model", "m", "--output_dir", str(tmp_path), "--factor", "4", "--batch_sz", "2"]) == 2
+    assert ft.main(["--model", "m", "--output_dir", str(tmp_path), "--factor", "4", "--batch_sz", "2"]) == 2
     assert "unknown option" in caplog.text and "batch_size" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # LongLoRA: shifted sparse attention + trainable embeddings and norms
-
-
-def _reference_s2attn(q, k, v, group):
-    """Dense attention with an explicit [n, n] mask per head half: plain groups, and groups shifted by group/2."""
-    _b, h, n, d = q.shape
-    i = torch.arange(n)
-    causal = i[:, None] >= i[None, :]
-    same_plain = (i[:, None] // group) == (i[None, :] // group)
-    shift = group // 2
-    same_shift = ((i[:, None] + shift) // group) == ((i[None, :] + shift) // group)
-    out = torch.empty_like(q)
-    for head in range(h):
-        mask = causal & (same_plain if head < h // 2 else same_shift)
-        scores = (q[:, head] @ k[:, head].transpose(-1, -2)) / d**0.5
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out[:, head] = scores.softmax(-1) @ v[:, head]
-    return out.transpose(1, 2)
-
-
-def test_shifted_sparse_attention_matches_a_dense_masked_reference():
-    torch.manual_seed(0)
-    module = torch.nn.Module()
-    module.num_key_value_groups = 2
-    q = torch.randn(2, 4, 32, 8)
-    k, v = torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8)
-    module.train()
-    out, _ = s2attn.shifted_sparse_attention(module, q, k, v, None)
-    expected = _reference_s2attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), group=8)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    module.eval()  # inference: full causal attention
-    full, _ = s2attn.shifted_sparse_attention(module, q, k, v, None)
-    dense = _reference_s2attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), group=10**6)
-    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
-    module.train()
-    with pytest.raises(ValueError, match="padding attention mask"):
-        s2attn.shifted_sparse_attention(module, q, k, v, torch.ones(2, 1, 32, 32, dtype=torch.bool))
 
 
 def test_longlora_with_s2attn_trains_embeddings_norms_and_saves_full_attention(ft, random_llama, texts, tmp_path):
@@ -610,7 +550,7 @@ def test_gpt2_copy_full_finetune_reloads_natively(ft, texts, tmp_path):
         options(ft, folder, tmp_path / "run", texts, tmp_path, method="copy", factor=2, train_mode="full", lr=1e-3)
     )
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config["n_positions"] == 128 and result.summary["seq_len"] == 128
+    assert config["n_positions"] == 128 and result.summary.seq_len == 128
     probe = torch.randint(3, 200, (1, 128))
     with torch.no_grad():
         in_memory = result.model(probe).logits
@@ -635,7 +575,7 @@ def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_p
     )
     folder = save_tiny(tmp_path / "bert", model, tokenizer)
     result = ft.run(options(ft, folder, tmp_path / "run", texts, tmp_path, method="hierarchical", factor=4))
-    assert result.summary["eval"]["after"]["objective"] == "masked"
+    assert result.summary.eval_after["objective"] == "masked"
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["max_position_embeddings"] == 256
     table = result.model.bert.embeddings.position_embeddings.weight
@@ -654,97 +594,6 @@ def test_bert_hierarchical_lora_trains_the_table_with_masked_lm(ft, texts, tmp_p
         in_memory = result.model(probe).logits
     fresh = reload_outputs(tmp_path / "run" / "model", probe, auto_class="AutoModelForMaskedLM")
     torch.testing.assert_close(fresh, in_memory, rtol=1e-5, atol=1e-5)
-
-
-def test_heldout_perplexity_is_the_mean_token_nll(pretrained_llama, monkeypatch):
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(pretrained_llama).eval()
-    chunks = torch.randint(3, 200, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(chunks[:2]).logits[:, :-1]  # the third chunk is run but not scored
-    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunks[:2, 1:].reshape(-1)).exp().item()
-    result = heldout_perplexity(model, chunks, batch_size=2, scored=2)
-    assert result.tokens == 2 * 63 and result.chunks == 2
-    assert result.perplexity == pytest.approx(expected, rel=1e-5)
-    monkeypatch.setitem(sys.modules, "hf_rope_ext.eval.perplexity", None)  # without the eval module: plain forward
-    assert heldout_perplexity(model, chunks, batch_size=2, scored=2).perplexity == pytest.approx(expected, rel=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# data
-
-
-def test_data_sources_cache_and_packing(tmp_path, monkeypatch):
-    tokenizer = make_tokenizer()
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "a.txt").write_text("abc")
-    (folder / "b.jsonl").write_text('{"text": "de"}\n{"text": "f"}\n')
-    (folder / "c.json").write_text('[{"text": "gh"}]')
-    (folder / "ignored.csv").write_text("x")
-    stream = data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache")
-    eos = tokenizer.eos_token_id
-    expected = []
-    for doc in ("abc", "de", "f", "gh"):
-        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
-    assert stream.tolist() == expected
-
-    def no_tokenising(*args, **kwargs):
-        raise AssertionError("tokenised again instead of reading the cache")
-
-    monkeypatch.setattr(data, "tokenize_documents", no_tokenising)
-    assert data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache").tolist() == expected
-    time.sleep(0.01)
-    (folder / "a.txt").write_text("abcd")  # a changed file invalidates the cache
-    with pytest.raises(AssertionError, match="tokenised again"):
-        data.load_token_stream([str(folder)], tokenizer, cache_dir=tmp_path / "cache")
-    monkeypatch.undo()
-
-    if importlib.util.find_spec("pyarrow") is not None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({"body": ["xy", "z"]}), tmp_path / "p.parquet")
-        got = data.load_token_stream(
-            [str(tmp_path / "p.parquet")], tokenizer, cache_dir=tmp_path / "cache", text_field="body"
-        )
-        assert got.tolist() == tokenizer("xy", add_special_tokens=False)["input_ids"] + [eos] + tokenizer(
-            "z", add_special_tokens=False
-        )["input_ids"] + [eos]
-    if importlib.util.find_spec("datasets") is not None:
-        import datasets
-
-        datasets.Dataset.from_dict({"text": ["uv", "w"]}).save_to_disk(str(tmp_path / "saved"))
-        got = data.load_token_stream([str(tmp_path / "saved")], tokenizer, cache_dir=tmp_path / "cache")
-        assert got.numel() == 5
-
-    builtin = data.load_token_stream(["builtin:pydoc"], tokenizer, cache_dir=tmp_path / "cache", max_tokens=5000)
-    assert builtin.numel() == 5000
-    with pytest.raises(ValueError, match="no field 'content'"):
-        data.load_token_stream(
-            [str(folder / "b.jsonl")], tokenizer, cache_dir=tmp_path / "cache", text_field="content"
-        )
-
-    chunks = data.pack(torch.arange(10), 4)
-    assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    wrapped = data.pack(torch.arange(10), 4, wrap=(100, 101))
-    assert wrapped[:2].tolist() == [[100, 0, 1, 101], [100, 2, 3, 101]]
-
-
-def test_micro_batches_are_disjoint_across_processes_and_cover_each_epoch():
-    n, world, bs, accum = 24, 2, 3, 2
-    seen = []
-    for step in range(2):  # 2 steps x 2 micro x 2 ranks x 3 = 24 = one epoch
-        for micro in range(accum):
-            for rank in range(world):
-                seen += data.micro_batch_indices(
-                    n, step=step, micro=micro, grad_accum=accum, batch_size=bs, world=world, rank=rank, seed=0
-                )
-    assert sorted(seen) == list(range(n))
-    again = data.micro_batch_indices(n, step=1, micro=1, grad_accum=accum, batch_size=bs, world=world, rank=1, seed=0)
-    assert again == seen[-3:]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -868,7 +717,7 @@ def test_accelerate_launch_two_cpu_processes(random_llama, texts, tmp_path):
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 4
     assert summary["tokens"] == 4 * 2 * 2 * 256  # steps x accumulation x processes x tokens
-    assert summary["eval"]["after"]["perplexity"] > 0
+    assert summary["eval_after"]["perplexity"] > 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
     probe = torch.randint(3, 200, (1, 256))
     assert reload_outputs(out / "model", probe).shape == (1, 256, 260)

@@ -2,15 +2,12 @@
 
 Sources, by the string a user passes (``--text`` on the command line, ``source=`` here):
 
-- ``None``, ``"builtin"`` or ``"builtin:pydoc"`` — **the offline default**: the topic pages of the Python language
-  reference that ship inside every CPython install as ``pydoc_data.topics`` (the text behind ``help("assert")``),
-  joined with blank lines in their stored order. About 465k characters of English prose with code examples
-  (~113k tokens with SmolLM2's tokenizer on Python 3.11). Nothing is downloaded; the exact text depends on the
-  Python version, so numbers are comparable between machines with the same Python minor version.
-- ``"builtin:stdlib"`` — Python source code of the standard library (``*.py`` files under ``sysconfig``'s stdlib
-  folder, sorted by path, tests and site-packages excluded), for code-flavoured evaluation.
-- a path to a ``.txt`` / ``.md`` / any text file — read as UTF-8.
-- a path to a ``.jsonl`` file — one JSON object per line; the ``field`` key (default ``"text"``) of each is a document.
+- ``None``, ``"builtin"`` or ``"builtin:pydoc"`` — **the offline default**: Python's language-reference topics
+  (``pydoc_data.topics``); ``"builtin:stdlib"`` — the standard library's source code. Both are defined in
+  :mod:`hf_rope_ext.text`, the one place that says what a source name means (training data reads the same).
+  Numbers are comparable between machines with the same Python minor version.
+- a path to a file: ``.jsonl`` (one record per line, the ``field`` key, default ``"text"``), ``.json`` (a list of
+  records), ``.parquet`` (column ``field``), anything else read as UTF-8 text.
 - a path to a folder written by ``datasets.Dataset.save_to_disk`` — loaded with ``datasets.load_from_disk``.
 - ``"dataset:NAME"`` (optionally ``"dataset:NAME:CONFIG"``) — ``datasets.load_dataset(NAME, CONFIG, split=split)``,
   which works offline when the dataset is in the local cache (``HF_DATASETS_OFFLINE=1``).
@@ -21,19 +18,24 @@ sliding window (the PI / YaRN protocol evaluates on long documents; concatenatio
 
 from __future__ import annotations
 
-import json
 import logging
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..text import (
+    BUILTIN_SOURCES,
+    builtin_description,
+    builtin_documents,
+    builtin_source,
+    dataset_documents,
+    file_documents,
+    is_saved_dataset,
+)
 
-BUILTIN_SOURCES = ("builtin", "builtin:pydoc", "builtin:stdlib")
-"""Names of the offline built-in sources (``builtin`` is ``builtin:pydoc``)."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,52 +57,14 @@ class Text:
         return cls(text=text, source="string", documents=1, description=description)
 
 
-def _pydoc_documents() -> list[str]:
-    import pydoc_data.topics
-
-    return list(pydoc_data.topics.topics.values())
-
-
-def _stdlib_documents() -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        if skip.intersection(path.relative_to(root).parts):
-            continue
-        try:
-            docs.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-    return docs
-
-
-def _dataset_documents(dataset: Any, field: str, origin: str) -> list[str]:
-    if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):  # a DatasetDict: take the split asked for
-        raise ValueError(f"{origin} holds several splits ({', '.join(dataset.keys())}); choose one with split=")
-    if field not in dataset.column_names:
-        raise ValueError(f"{origin} has no column {field!r}; its columns: {', '.join(dataset.column_names)}")
-    return [str(t) for t in dataset[field] if t]
-
-
 def load_documents(
     source: str | Path | None = None, *, field: str = "text", split: str = "test"
 ) -> tuple[list[str], str, str]:
     """The documents of ``source`` (see the module docstring) as ``(documents, canonical source, description)``."""
-    import sys
-
-    if source is None or str(source) in ("builtin", "builtin:pydoc"):
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return (
-            _pydoc_documents(),
-            "builtin:pydoc",
-            f"Python {version} language-reference topics (pydoc_data.topics, shipped with CPython; offline default)",
-        )
-    source = str(source)
-    if source == "builtin:stdlib":
-        return _stdlib_documents(), source, "Python standard-library source files (offline)"
-    if source.startswith("builtin"):
-        raise ValueError(f"unknown built-in text {source!r}; choose one of: {', '.join(BUILTIN_SOURCES)}")
+    source = "builtin:pydoc" if source is None else str(source)
+    builtin = builtin_source(source)  # an unknown builtin:... name is refused here, naming the valid ones
+    if builtin is not None:
+        return builtin_documents(builtin), builtin, builtin_description(builtin)
     if source.startswith("dataset:"):
         try:
             import datasets
@@ -114,7 +78,7 @@ def load_documents(
                 f"could not load dataset {name!r} (split {split!r}): not in the local cache, or offline. "
                 f"Original error: {err}"
             ) from err
-        return _dataset_documents(ds, field, source), source, f"datasets: {name} {config} split {split}".replace("  ", " ")
+        return dataset_documents(ds, field, source), source, f"datasets: {name} {config} split {split}".replace("  ", " ")
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -122,8 +86,7 @@ def load_documents(
             f"'dataset:NAME', or one of: {', '.join(BUILTIN_SOURCES)}"
         )
     if path.is_dir():
-        if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                or (path / "state.json").is_file()):
+        if not is_saved_dataset(path):
             raise ValueError(f"{path} is a folder but not one written by datasets' save_to_disk")
         try:
             import datasets
@@ -134,23 +97,10 @@ def load_documents(
             if split not in ds:
                 raise ValueError(f"{path} has splits {', '.join(ds.keys())}; no split {split!r}")
             ds = ds[split]
-        return _dataset_documents(ds, field, str(path)), str(path), f"saved dataset {path.name} (split {split})"
-    if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
-                if not isinstance(record, dict) or field not in record:
-                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(f"{path}:{lineno}: no field {field!r} (found: {keys}); choose one with field=")
-                docs.append(str(record[field]))
-        return docs, str(path), f"JSONL file {path.name} (field {field!r})"
-    return [path.read_text(encoding="utf-8")], str(path), f"text file {path.name}"
+        return dataset_documents(ds, field, str(path)), str(path), f"saved dataset {path.name} (split {split})"
+    kind = {".jsonl": "JSONL file", ".json": "JSON file", ".parquet": "parquet file"}.get(path.suffix.lower())
+    docs = list(file_documents(path, field))
+    return docs, str(path), f"{kind} {path.name} (field {field!r})" if kind else f"text file {path.name}"
 
 
 def load_text(

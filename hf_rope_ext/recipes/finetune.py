@@ -1,8 +1,9 @@
 """Fine-tune an extended model at its new length: patch, train briefly, merge, save a reloadable model.
 
-    accelerate launch recipes/finetune.py --config recipes/configs/llama_yarn_lora.yaml [--key value ...]
-    python recipes/finetune.py --config recipes/configs/llama_yarn_lora.yaml --max_steps 50
-    python recipes/finetune.py --help                      # every option with its help
+    hf-rope-ext finetune --config smollm2_pose_yarn_smoke --output_dir runs/smoke
+    accelerate launch -m hf_rope_ext.recipes.finetune --config my.yaml [--key value ...]
+    python recipes/finetune.py --config recipes/configs/llama2_7b_yarn_lora.yaml --max_steps 50   # from a clone
+    hf-rope-ext finetune --help                                                   # every option with its help
 
 Zero-shot extension loses some quality; the papers recover it with a short fine-tune at the new length:
 Position Interpolation ~200-1000 steps (https://arxiv.org/abs/2306.15595), YaRN ~400 steps
@@ -10,17 +11,24 @@ Position Interpolation ~200-1000 steps (https://arxiv.org/abs/2306.15595), YaRN 
 attention (https://arxiv.org/abs/2309.12307), PoSE = short windows whose position ids skip to cover the target length
 (https://arxiv.org/abs/2309.10400).
 
-The script reads top to bottom: options -> checks -> model + patch -> data -> trainable parameters -> training loop
-with checkpoints -> merge, save (written to a temporary folder, then moved into place), summary, plot, evaluation.
+Read it top to bottom, as a torchtune recipe:
+
+    1. Options      one dataclass, a field per option with its help; YAML (--config) then --key value overrides
+    2. Plan         what the options mean for the loaded model (lengths, objective, LoRA targets)
+    3. Helpers      learning rate, batches, signals, checkpoints, evaluation, the loss plot
+    4. The run      setup(o) -> Setup   checks, load + patch ONCE, data, trainable parameters, optimizer, resume
+                    train(s)            the loop, checkpoints, early stop on a signal or stop_after
+                    save(s)             merge, save atomically with TrainingSummary, loss plot, model card
 
 Output folder layout:
-    OUTPUT_DIR/run_config.yaml              the resolved options of the last start
+    OUTPUT_DIR/run_config.yaml              the resolved options of the last start (usable as --config)
     OUTPUT_DIR/checkpoints/step-XXXXXXXX/   accelerate state + trainer_state.json (resume with --resume true)
     OUTPUT_DIR/model/                       the merged model, tokenizer, training_summary.json, loss.png, README.md
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -29,6 +37,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -46,19 +55,32 @@ from hf_rope_ext import patch_info, patch_model, registry
 from hf_rope_ext.loading import load_model
 from hf_rope_ext.training import adapters, data, io, pose, s2attn
 from hf_rope_ext.training.heldout import heldout_perplexity
+from hf_rope_ext.training.summary import TrainingSummary
 
 logger = logging.getLogger("finetune")
 
+EXAMPLES = """examples:
+  hf-rope-ext finetune --config smollm2_pose_yarn_smoke --output_dir runs/smoke
+  hf-rope-ext finetune --config my.yaml --max_steps 50 --lr 1e-4 --param beta_fast=16
+  hf-rope-ext finetune --model ./my-model --factor 4 --method yarn --data notes.txt --output_dir runs/x
+  accelerate launch --config_file ddp.yaml -m hf_rope_ext.recipes.finetune --config my.yaml
+
+--config takes a shipped config name (`hf-rope-ext recipes list`) or a YAML file; options on the command line
+override it. A value is read as it would be written in the YAML file (--data "[a.txt, b.txt]", --resume true,
+--factor null); list options also take several values (--data a.txt b.txt)."""
+
 
 # ====================================================================================================================
-# 1. Options: one flat dataclass; YAML + ``--key value`` overrides; unknown keys are refused.
+# 1. Options: one flat dataclass. metadata["help"] is the --help text; metadata["resume"] marks the options that must
+#    not change between a run and its resumption (they change the model or the data order).
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by ``--help``)."""
+def opt(default: Any, help: str, *, resume: bool = False) -> Any:
+    """A dataclass field with its help text (shown by ``--help``) and whether a resumed run must keep it."""
+    metadata = {"help": help, "resume": resume}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -69,95 +91,105 @@ class Options:
     model: str | None = opt(
         None,
         "Model to extend: a local folder, a .gguf file, a Hub id, or an offline alias (smollm2, minilm). Required.",
+        resume=True,
     )
     tokenizer: str | None = opt(None, "Tokenizer folder or id when it differs from the model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
-        "float32",
-        "dtype the weights are loaded and trained in; mixed_precision adds autocast on top.",
+        "float32", "dtype the weights are loaded and trained in; mixed_precision adds autocast on top.", resume=True
     )
     method: str = opt(
         "yarn",
         "Extension method from the registry (`hf-rope-ext methods`): yarn, linear, ntk, ... or copy/hierarchical "
         "for learned tables.",
+        resume=True,
     )
-    factor: float | None = opt(None, "New length / original length. Give this or target_length.")
-    target_length: int | None = opt(None, "New context length in tokens, instead of factor.")
-    original_length: int | None = opt(None, "Length the model was trained at; default: from its config.")
-    method_params: dict[str, Any] = opt({}, "The method's own parameters, e.g. {beta_fast: 32} for yarn.")
+    factor: float | None = opt(None, "New length / original length. Give this or target_length.", resume=True)
+    target_length: int | None = opt(None, "New context length in tokens, instead of factor.", resume=True)
+    original_length: int | None = opt(
+        None, "Length the model was trained at; default: from its config.", resume=True
+    )
+    method_params: dict[str, Any] = opt(
+        {},
+        "The method's own parameters, e.g. {beta_fast: 32} for yarn (YAML); on the command line: --param KEY=VALUE.",
+        resume=True,
+    )
 
     # --- what is trained
     train_mode: Literal["lora", "longlora", "full"] = opt(
         "lora",
         "lora: LoRA adapters only; longlora: LoRA + trainable embeddings and norms (LongLoRA); full: every weight.",
+        resume=True,
     )
-    lora_r: int = opt(8, "LoRA rank.")
-    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).")
+    lora_r: int = opt(8, "LoRA rank.", resume=True)
+    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).", resume=True)
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
     lora_targets: str | list[str] = opt(
         "attention",
         "Modules that get LoRA adapters: 'attention' (every linear layer inside attention blocks), 'all-linear', "
         "or a list of module names (peft matching: exact or dotted suffix).",
+        resume=True,
     )
-    modules_to_save: list[str] = opt([], "Extra modules trained fully next to LoRA (names, peft matching).")
+    modules_to_save: list[str] = opt(
+        [], "Extra modules trained fully next to LoRA (names, peft matching).", resume=True
+    )
     train_position_embeddings: bool | None = opt(
         None,
         "Train learned position tables fully in lora mode; default: yes when a learned table was extended.",
+        resume=True,
     )
     objective: Literal["auto", "causal", "masked"] = opt(
-        "auto",
-        "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.",
+        "auto", "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.", resume=True
     )
     mlm_probability: float = opt(0.15, "Fraction of tokens masked for the masked objective.")
 
     # --- PoSE / S²-Attn
     pose: bool = opt(
-        False,
-        "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.",
+        False, "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.", resume=True
     )
-    pose_chunks: int = opt(2, "PoSE: number of chunks each window is cut into.")
+    pose_chunks: int = opt(2, "PoSE: number of chunks each window is cut into.", resume=True)
     s2attn: bool = opt(
         False,
         "LongLoRA's shifted sparse attention while training (Llama-family models); full attention at inference.",
+        resume=True,
     )
-    s2attn_group_ratio: float = opt(0.25, "S²-Attn group size as a fraction of seq_len.")
+    s2attn_group_ratio: float = opt(0.25, "S²-Attn group size as a fraction of seq_len.", resume=True)
 
     # --- data
     data: list[str] = opt(
         ["builtin:pydoc"],
         "Training text: files (.txt .md .jsonl .json .parquet), folders, a `datasets` name, or builtin:pydoc / "
-        "builtin:stdlib (offline).",
+        "builtin:stdlib (offline; see hf_rope_ext.text).",
+        resume=True,
     )
-    text_field: str = opt("text", "Field / column holding the text in JSONL, JSON, parquet and datasets sources.")
+    text_field: str = opt(
+        "text", "Field / column holding the text in JSONL, JSON, parquet and datasets sources.", resume=True
+    )
     dataset_config: str | None = opt(None, "Configuration name for a `datasets` source.")
     dataset_split: str = opt("train", "Split of a `datasets` source.")
     eval_data: list[str] = opt(
-        [],
-        "Held-out text for the before/after perplexity; default: the tail of data, kept out of training.",
+        [], "Held-out text for the before/after perplexity; default: the tail of data, kept out of training."
     )
     eval_chunks: int = opt(4, "Number of held-out chunks of target length to evaluate (0: no evaluation).")
     seq_len: int | None = opt(
-        None,
-        "Tokens per training sequence; default: the target length (with pose: the original length).",
+        None, "Tokens per training sequence; default: the target length (with pose: the original length).", resume=True
     )
-    max_tokens: int | None = opt(None, "Read at most this many tokens of training data.")
+    max_tokens: int | None = opt(None, "Read at most this many tokens of training data.", resume=True)
     cache_dir: str | None = opt(
-        None,
-        "Where tokenised data is cached; default $HF_ROPE_EXT_CACHE or ~/.cache/hf_rope_ext/tokens.",
+        None, "Where tokenised data is cached; default $HF_ROPE_EXT_CACHE or ~/.cache/hf_rope_ext/tokens."
     )
 
     # --- optimisation
     max_steps: int = opt(400, "Optimizer steps.")
-    batch_size: int = opt(1, "Sequences per process per micro-batch.")
-    grad_accum: int = opt(8, "Micro-batches per optimizer step.")
+    batch_size: int = opt(1, "Sequences per process per micro-batch.", resume=True)
+    grad_accum: int = opt(8, "Micro-batches per optimizer step.", resume=True)
     lr: float = opt(2e-4, "Peak learning rate (LoRA ~1e-4..2e-4; full fine-tuning ~2e-5).")
     lr_scheduler: Literal["constant", "linear", "cosine"] = opt("cosine", "Decay after warmup.")
     warmup_steps: int = opt(20, "Linear warmup steps.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
-    seed: int = opt(0, "Seed for data order, PoSE sampling, masking and dropout.")
+    seed: int = opt(0, "Seed for data order, PoSE sampling, masking and dropout.", resume=True)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = opt(
-        None,
-        "accelerate mixed precision (autocast); default: what `accelerate launch` / its config says, else no.",
+        None, "accelerate mixed precision (autocast); default: what `accelerate launch` / its config says, else no."
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
 
@@ -166,66 +198,51 @@ class Options:
     save_every: int = opt(100, "Checkpoint every N optimizer steps (0: only on interruption).")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep (0: all).")
     resume: bool | str = opt(
-        False,
-        "Continue from the latest checkpoint in output_dir (true) or from a given checkpoint folder.",
+        False, "Continue from the latest checkpoint in output_dir (true) or from a given checkpoint folder."
     )
     overwrite: bool = opt(False, "Start from scratch even if output_dir already holds checkpoints (they are deleted).")
     stop_after: int | None = opt(
-        None,
-        "Stop with a checkpoint after this many steps in this invocation (time-limited jobs; resume later).",
+        None, "Stop with a checkpoint after this many steps in this invocation (time-limited jobs; resume later)."
     )
     log_every: int = opt(10, "Log the loss every N steps.")
     eval_before_after: bool = opt(True, "Held-out perplexity at the target length before and after training.")
     eval_batch_size: int = opt(1, "Batch size for the held-out evaluation.")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto",
-        "dtype of the saved model; auto keeps the training dtype.",
+        "auto", "dtype of the saved model; auto keeps the training dtype."
     )
-    model_card: bool = opt(True, "Write README.md with hf_rope_ext.cards when that module is available.")
+    model_card: bool = opt(True, "Write README.md with hf_rope_ext.cards.")
 
 
-# Options that must not change between a run and its resumption (they change the model or the data order).
-RESUME_KEYS = (
-    "model",
-    "dtype",
-    "method",
-    "factor",
-    "target_length",
-    "original_length",
-    "method_params",
-    "train_mode",
-    "lora_r",
-    "lora_alpha",
-    "lora_targets",
-    "modules_to_save",
-    "train_position_embeddings",
-    "objective",
-    "pose",
-    "pose_chunks",
-    "s2attn",
-    "s2attn_group_ratio",
-    "data",
-    "text_field",
-    "seq_len",
-    "max_tokens",
-    "batch_size",
-    "grad_accum",
-    "seed",
-)
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Options) if f.metadata["resume"])
+"""Options a resumed run must keep (derived from the fields' ``resume`` metadata)."""
+
+# --help shows the options in these groups, each starting at the named field
+_GROUPS = {
+    "model": "model and extension",
+    "train_mode": "what is trained",
+    "pose": "PoSE / shifted sparse attention",
+    "data": "data",
+    "max_steps": "optimisation",
+    "output_dir": "run",
+}
 
 
-def _describe(annotation: Any) -> str:
+def _describe(annotation: Any, *, short: bool = False) -> str:
+    """The type as --help and error messages show it: ``'lora' | 'full'``; ``short``: ``{lora,full}|null``."""
     if typing.get_origin(annotation) is Literal:
+        if short:
+            return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
         return " | ".join(repr(a) for a in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return " | ".join(_describe(a) for a in typing.get_args(annotation))
+        return ("|" if short else " | ").join(_describe(a, short=short) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation)) if not typing.get_args(annotation) else str(annotation)
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """``value`` as ``annotation`` (str -> number for numbers written like 2e-4), or ValueError naming the option."""
+    """``value`` (from YAML, or a command-line value read as YAML) as ``annotation``, or ValueError naming the option.
+    Numbers written like 2e-4 (a string to YAML 1.1) become floats; a single value becomes a one-item list."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
@@ -233,12 +250,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(name, value, arg)
-            except ValueError:
-                pass
+            if arg is not type(None):
+                try:
+                    return _coerce(name, value, arg)
+                except ValueError:
+                    pass
     elif origin is Literal:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
             return "no"
@@ -248,24 +264,17 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     elif annotation is bool:
         if isinstance(value, bool):
             return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    elif annotation in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                value = float(value) if annotation is float else int(value)
             except ValueError:
                 pass
-    elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+            if annotation is float:
                 return float(value)
-            except ValueError:
-                pass
+            if float(value).is_integer():
+                return int(value)
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -281,75 +290,126 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     raise ValueError(f"option {name}: expected {_describe(annotation)}, got {value!r}")
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(Options)
+def _unknown(keys: list[str], known: list[str], where: str) -> ValueError:
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"unknown option(s) in {where}: {', '.join(named)}; valid options: {', '.join(known)}")
 
 
 def options_from_dict(values: dict[str, Any], where: str = "config") -> Options:
     """Build Options from a mapping; unknown keys and wrong types raise ValueError naming them."""
-    hints = _field_types()
+    hints = typing.get_type_hints(Options)
     unknown = [k for k in values if k not in hints]
     if unknown:
-        hints_text = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            hints_text.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown option(s) in {where}: {', '.join(hints_text)}; run with --help for the list")
+        raise _unknown(unknown, list(hints), where)
     return Options(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+def load_yaml(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """A shipped config name or a YAML file -> (its path, its mapping)."""
+    from hf_rope_ext.recipes import config_path
+
+    path = config_path(name_or_path)  # unknown -> FileNotFoundError listing the shipped configs
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
-    return values
+    return path, values
 
 
-def _parse_override(text: str) -> Any:
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as it would be written in the YAML file (a plain string when it is not YAML)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
 
 
-def parse_options(argv: list[str] | None = None) -> Options:
-    """``--config FILE`` plus ``--key value`` / ``--key=value`` overrides (values parsed as YAML)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text())
-        raise SystemExit(0)
-    values: dict[str, Any] = {}
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; options are --key value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"option --{key} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "config":
-            values.update(load_yaml(value))
-        else:
-            overrides[key] = _parse_override(value)
-    return options_from_dict({**values, **overrides}, where="config / command line")
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors raised as ValueError (main() reports them in one line) instead of exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(f"{message} (see --help)")
 
 
-def help_text() -> str:
-    lines = [__doc__.strip().split("\n\n")[0], "", "options (YAML keys or --key value):"]
-    hints = _field_types()
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """``--config``, ``--param`` and one ``--NAME`` per Options field, with its help, type and default."""
+    parser = _Parser(
+        prog=prog,
+        usage="%(prog)s [--config NAME_OR_FILE] [--OPTION VALUE ...] [--param KEY=VALUE ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME_OR_FILE",
+        help="A shipped config name (`hf-rope-ext recipes list`) or a YAML file of option: value (repeatable: later "
+        "files win). The command line overrides it.",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="One of the method's own parameters, merged over method_params (repeatable; the value is JSON when it "
+        "parses, else a string: the rule of `hf-rope-ext --param`).",
+    )
+    hints = typing.get_type_hints(Options)
+    group: Any = parser
     for f in dataclasses.fields(Options):
+        if f.name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[f.name])
+        if f.name == "method_params":  # a mapping: YAML, or --param KEY=VALUE
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name} ({_describe(hints[f.name])}, default {default!r})\n      {f.metadata['help']}")
-    return "\n".join(lines)
+        hint = hints[f.name]
+        listed, flag = "list" in str(hint), hint is bool
+        metavar = "VALUE" if listed else _describe(hint, short=True)
+        group.add_argument(
+            f"--{f.name}",
+            type=_yaml_value,
+            nargs="+" if listed else "?" if flag else None,
+            const=True if flag else None,  # --pose alone is --pose true
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{f.metadata['help']} Default: {default!r}.",
+        )
+    return parser
+
+
+def parse_options(argv: list[str] | None = None, prog: str | None = None) -> Options:
+    """``--config NAME_OR_FILE`` plus ``--key value`` / ``--key=value`` overrides and ``--param KEY=VALUE``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [a.split("=")[0][2:] for a in extra if a.startswith("--")]
+        if flags:
+            known = ["config", "param", *(f.name for f in dataclasses.fields(Options) if f.name != "method_params")]
+            raise _unknown(flags, known, "the command line")
+        raise ValueError(f"unexpected argument(s) {extra}; options are --key value (see --help)")
+    values: dict[str, Any] = {}
+    for name in args.config:
+        path, from_file = load_yaml(name)
+        unknown = [k for k in from_file if k not in {f.name for f in dataclasses.fields(Options)}]
+        if unknown:
+            raise _unknown(unknown, [f.name for f in dataclasses.fields(Options)], str(path))
+        values.update(from_file)
+    for key, value in vars(args).items():
+        if key in ("config", "param"):
+            continue
+        if isinstance(value, list) and len(value) == 1:  # one value: itself (a scalar or a YAML list)
+            value = value[0]
+        values[key] = value
+    if args.param:
+        params = registry.parse_param_items(args.param, option="--param")
+        values["method_params"] = {**(values.get("method_params") or {}), **params}
+    return options_from_dict(values, where="config / command line")
 
 
 def check_options(o: Options, *, check_data: bool = True) -> None:
@@ -365,9 +425,7 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
         raise ValueError(f"factor must be > 1, got {o.factor}: the target length must exceed the original length")
     spec = registry.get_method(o.method)  # unknown method -> lists the known ones
     valid = [
-        f.name
-        for f in dataclasses.fields(spec.params_cls)
-        if f.name not in ("factor", "original_max_position_embeddings")
+        f.name for f in dataclasses.fields(spec.params_cls) if f.name not in ("factor", "original_max_position_embeddings")
     ]
     unknown = sorted(set(o.method_params) - set(valid))
     if unknown:
@@ -380,19 +438,12 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
             f"{'pose (its position ids have gaps; the method needs contiguous ones)' if o.pose else 's2attn'}; "
             "train it on full-length windows, or fine-tune with a rotary method (yarn, ntk_by_parts, ...)"
         )
-    positive = {
-        "lora_r": o.lora_r,
-        "lora_alpha": o.lora_alpha,
-        "max_steps": o.max_steps,
-        "batch_size": o.batch_size,
-        "grad_accum": o.grad_accum,
-        "log_every": o.log_every,
-        "eval_batch_size": o.eval_batch_size,
-        "pose_chunks": o.pose_chunks,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"option {name} must be >= 1, got {value}")
+    at_least_one = (
+        "lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "pose_chunks"
+    )
+    for name in at_least_one:
+        if getattr(o, name) < 1:
+            raise ValueError(f"option {name} must be >= 1, got {getattr(o, name)}")
     for name in ("save_every", "keep_checkpoints", "warmup_steps", "eval_chunks"):
         if getattr(o, name) < 0:
             raise ValueError(f"option {name} must be >= 0, got {getattr(o, name)}")
@@ -545,8 +596,41 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters live on the meta device (no memory); buffers are copied (small).
+    Sharded engines train a model that cannot be unwrapped whole: this copy, taken after patching, becomes the final
+    model once it is given the gathered weights (:func:`rebuild_on_cpu`), so the model is loaded and patched once."""
+    memo = {
+        id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }  # shared (tied) parameters stay shared: deepcopy maps each object once
+    return copy.deepcopy(model, memo)
+
+
+def rebuild_on_cpu(skeleton: torch.nn.Module, o: Options, plan: Plan, full_state: dict[str, torch.Tensor]) -> Any:
+    """FSDP / DeepSpeed: the trained model on the main process's CPU, from the :func:`meta_copy` taken before training
+    and the gathered state dict; LoRA merged."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for module in skeleton.modules():  # allocate the parameters (tied ones once); full_state fills them below
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+    model = make_trainable(skeleton, o, plan)  # the same module names as the trained model
+    missing, unexpected = model.load_state_dict(full_state, strict=False)
+    storage = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    loaded = {storage[name] for name in full_state if name in storage}
+    missing = [k for k in missing if storage.get(k) not in loaded]  # tied weights arrive once, under one name
+    if missing or unexpected:
+        raise RuntimeError(
+            f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model if o.train_mode == "full" else model.merge_and_unload()
+
+
 # ====================================================================================================================
-# 3. Training helpers: learning rate, batches, signals, checkpoints.
+# 3. Helpers: learning rate, batches, signals, checkpoints, evaluation, the loss plot.
 
 
 def lr_at(step: int, o: Options) -> float:
@@ -573,12 +657,11 @@ def make_batch(
     ids = chunks[indices]  # [b, seq_len]
     batch: dict[str, torch.Tensor] = {}
     if plan.objective == "masked":
-        specials = list(tokenizer.all_special_ids)
         ids, labels = data.mask_for_mlm(
             ids,
             mask_token_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
-            special_ids=specials,
+            special_ids=list(tokenizer.all_special_ids),
             probability=o.mlm_probability,
             generator=gen,
         )
@@ -623,21 +706,46 @@ class StopRequest:
         self._previous.clear()
 
 
-def save_checkpoint(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+@dataclass
+class TrainState:
+    """Progress carried across resumptions: ``trainer_state.json`` in each checkpoint."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens: int = 0
+    """Training tokens seen (all processes)."""
+    loss_curve: list[list[float]] = field(default_factory=list)
+    """[step, mean loss] per step."""
+    elapsed_s: float = 0.0
+    """Seconds spent in the training loop, summed over resumptions."""
+    eval_before: dict[str, Any] | None = None
+    """Held-out perplexity of the patched model before training."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The options in RESUME_KEYS, as the run started."""
+    num_processes: int = 1
+    """Processes of the run that wrote the checkpoint."""
+
+
+def resume_mismatch(saved: dict[str, Any], o: Options) -> list[str]:
+    """``"key old -> new"`` for each option in RESUME_KEYS that differs between a checkpoint and ``o``."""
+    return [
+        f"{k} {saved.get(k)!r} -> {getattr(o, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(o, k)
+    ]
+
+
+def save_checkpoint(accelerator: Any, root: Path, state: TrainState, keep: int) -> Path:
     """accelerate state (model, optimizer, RNG) + trainer_state.json, written to a temporary folder then renamed."""
-    final = root / io.checkpoint_name(step)
+    final = root / io.checkpoint_name(state.step)
     tmp = final.with_name(f".{final.name}.partial")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / io.COMPLETE_MARKER).write_text(json.dumps(state, indent=1))
+        (tmp / io.COMPLETE_MARKER).write_text(json.dumps(asdict(state), indent=1))
         io.replace_directory(tmp, final)
         io.prune_checkpoints(root, keep)
         logger.info("checkpoint saved: %s", final)
@@ -671,9 +779,7 @@ def evaluate(accelerator: Any, model: Any, chunks: torch.Tensor, kwargs: dict[st
     scored = mine.shape[0]
     if scored < per_rank:
         mine = torch.cat([mine, chunks[:1].expand(per_rank - scored, -1)])
-    inner = accelerator.unwrap_model(
-        model
-    )  # DDP's wrapper is not needed without gradients; sharded modules keep their hooks
+    inner = accelerator.unwrap_model(model)  # DDP's wrapper is not needed without gradients; sharded keep hooks
     part = heldout_perplexity(
         inner, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank}
     )
@@ -703,90 +809,48 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def plot_loss(curve: list[list[float]], path: Path, title: str) -> None:
-    import matplotlib
+    """Training loss per optimizer step as a PNG (matplotlib's Agg canvas; the global backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot([c[0] for c in curve], [c[1] for c in curve], lw=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_model_card(folder: Path, o: Options, plan: Plan, summary: dict[str, Any], repo_id: str) -> None:
-    """README.md through ``hf_rope_ext.cards`` when that module exists (an optional feature)."""
-    try:
-        from hf_rope_ext import cards  # type: ignore[attr-defined]
-    except ImportError:
-        logger.info("hf_rope_ext.cards is not available: no model card written")
-        return
-    training = {
-        "data": o.data,
-        "steps": summary["steps"],
-        "tokens": summary["tokens"],
-        "seq_len": plan.seq_len,
-        "batch_size": o.batch_size * o.grad_accum * summary["num_processes"],
-        "gradient_accumulation_steps": o.grad_accum,
-        "learning_rate": o.lr,
-        "warmup_steps": o.warmup_steps,
-        "optimizer": "AdamW",
-        "scheduler": o.lr_scheduler,
-        "precision": o.dtype
-        if summary["mixed_precision"] == "no"
-        else f"{summary['mixed_precision']} mixed precision",
-        "seed": o.seed,
-        "hardware": f"{summary['num_processes']} x {summary['device']}",
-        "wall_time_s": summary["wall_time_s"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "final_loss": summary["loss_last"],
-        "loss_curve": summary["loss_curve"],
-        "method": o.method,
-        "factor": plan.target_length / plan.original_length,
-        "recipe": f"recipes/finetune.py ({o.train_mode}{', PoSE' if o.pose else ''}{', S2-Attn' if o.s2attn else ''})",
-        "plots": [{"path": str(folder / "loss.png"), "title": "Training loss"}]
-        if (folder / "loss.png").is_file()
-        else [],
-    }
-    if summary.get("peak_memory_kind") == "cuda_max_allocated":
-        training["peak_memory_bytes"] = summary["peak_memory_bytes"]
-    if o.train_mode != "full":
-        training["lora"] = {
-            "r": o.lora_r,
-            "lora_alpha": o.lora_alpha,
-            "lora_dropout": o.lora_dropout,
-            "target_modules": adapters.short_names(plan.lora_targets)
-            if isinstance(plan.lora_targets, list)
-            else plan.lora_targets,
-            "modules_to_save": adapters.short_names(plan.modules_to_save) or None,
-        }
-    results = []
-    before, after = summary["eval"]["before"], summary["eval"]["after"]
-    if before and after:
-        results.append(
-            {
-                "task": "perplexity",
-                "dataset": f"held-out text ({', '.join(o.eval_data) if o.eval_data else 'tail of the training data'})",
-                "results": {
-                    "before fine-tuning": [{"length": plan.target_length, "perplexity": before["perplexity"]}],
-                    o.method: [{"length": plan.target_length, "perplexity": after["perplexity"]}],
-                },
-            }
-        )
-    base_model = None if Path(o.model).expanduser().exists() or o.model in ("smollm2", "minilm") else o.model
-    try:
-        cards.write_card(folder, results=results, training=training, base_model=base_model, repo_id=repo_id)
-    except Exception as err:
-        logger.warning("model card not written: %s", err)
 
 
 # ====================================================================================================================
-# 4. The run.
+# 4. The run: setup -> train -> save.
+
+
+@dataclass
+class Setup:
+    """Everything the training loop needs, built once by :func:`setup`."""
+
+    o: Options
+    accelerator: Any
+    model: Any
+    """The patched model, made trainable and prepared by accelerate."""
+    tokenizer: Any
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    """The trainable parameters (clipped together)."""
+    train_chunks: torch.Tensor
+    """[n_chunks, seq_len] training sequences."""
+    eval_chunks: torch.Tensor | None
+    """[eval_chunks, target_length] held-out sequences, or None without evaluation."""
+    eval_kwargs: dict[str, Any]
+    state: TrainState
+    resumed_from: Path | None
+    out: Path
+    skeleton: Any = None
+    """Sharded engines, main process: :func:`meta_copy` of the patched model, the frame of the final model."""
 
 
 @dataclass
@@ -797,36 +861,16 @@ class RunResult:
     """True when the run stopped early (signal or stop_after) after writing a checkpoint."""
     step: int
     """Optimizer steps done so far."""
-    summary: dict[str, Any] | None = None
-    """The training summary (also in OUTPUT_DIR/model/training_summary.json); None when stopped."""
+    summary: TrainingSummary | None = None
+    """The training summary (also OUTPUT_DIR/model/training_summary.json); None when stopped."""
     model: Any = None
     """The final, merged model in memory (main process, finished runs)."""
     checkpoint: Path | None = None
     """The checkpoint written when stopped."""
 
 
-def run(o: Options) -> RunResult:
-    """Train as ``o`` says: to the end (saved model) or to an early stop (checkpoint)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-
-    check_options(o)
-    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:  # e.g. torchrun / --multi_gpu on a machine without GPUs: N independent runs would collide
-        raise ValueError(
-            f"{launched} processes were launched but accelerate sees {world}; on CPU-only machines set "
-            "ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N uses gloo then)"
-        )
-    out = Path(o.output_dir)
-    ckpt_root = out / "checkpoints"
-    resume_from = resume_checkpoint(o, ckpt_root)
-    logger.info(
-        "hf_rope_ext %s | %d process(es) on %s | output %s", hf_rope_ext.__version__, world, accelerator.device, out
-    )
-
-    # ---- model + patch (fails here on target <= original, unknown method parameters, unsupported model)
+def load_and_patch(o: Options) -> tuple[Any, Any]:
+    """The model and tokenizer, patched to the target length (the one load of the run)."""
     task = {"auto": "auto", "causal": "causal-lm", "masked": "masked-lm"}[o.objective]
     try:
         model, tokenizer = load_model(o.model, dtype=o.dtype, task=task)
@@ -837,6 +881,7 @@ def run(o: Options) -> RunResult:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(o.tokenizer)
+    # fails here on target <= original, bad method parameters, an unsupported model
     patch_model(
         model,
         o.method,
@@ -846,34 +891,24 @@ def run(o: Options) -> RunResult:
         tokenizer=tokenizer,
         **o.method_params,
     )
-    plan = make_plan(model, tokenizer, o)
-    logger.info(
-        "extended %s: %d -> %d positions with %s; training %s at %d tokens%s%s",
-        type(model).__name__,
-        plan.original_length,
-        plan.target_length,
-        o.method,
-        o.train_mode,
-        plan.seq_len,
-        " + PoSE" if o.pose else "",
-        " + S²-Attn" if o.s2attn else "",
-    )
+    return model, tokenizer
 
-    # ---- data: tokenise once (main process first, the others read its cache), pack, hold out evaluation chunks
+
+def load_data(o: Options, plan: Plan, tokenizer: Any, accelerator: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training chunks [n, seq_len] and held-out chunks [eval_chunks, target_length] (None without evaluation).
+    Tokenised once (main process first, the others read its cache); without eval_data the tail is held out."""
     with accelerator.main_process_first():
-        stream_kwargs = {
+        kwargs = {
             "cache_dir": o.cache_dir,
             "text_field": o.text_field,
             "dataset_config": o.dataset_config,
             "dataset_split": o.dataset_split,
         }
-        stream = data.load_token_stream(o.data, tokenizer, max_tokens=o.max_tokens, **stream_kwargs)
-        eval_stream = data.load_token_stream(o.eval_data, tokenizer, **stream_kwargs) if o.eval_data else None
-    wrap = (
-        (tokenizer.cls_token_id, tokenizer.sep_token_id)
-        if plan.objective == "masked" and tokenizer.cls_token_id is not None
-        else None
-    )
+        stream = data.load_token_stream(o.data, tokenizer, max_tokens=o.max_tokens, **kwargs)
+        eval_stream = data.load_token_stream(o.eval_data, tokenizer, **kwargs) if o.eval_data else None
+    wrap = None
+    if plan.objective == "masked" and tokenizer.cls_token_id is not None:
+        wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id)
     n_eval = o.eval_chunks if o.eval_before_after else 0
     if n_eval and eval_stream is None:  # hold out the tail of the training stream
         held = n_eval * plan.target_length
@@ -896,24 +931,52 @@ def run(o: Options) -> RunResult:
         0 if eval_chunks is None else eval_chunks.shape[0],
         plan.target_length,
     )
+    return train_chunks, eval_chunks
 
-    # ---- state carried across resumptions
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens": 0,
-        "loss_curve": [],
-        "elapsed_s": 0.0,
-        "eval_before": None,
-        "options": {k: getattr(o, k) for k in RESUME_KEYS},
-        "num_processes": world,
-    }
-    if resume_from is not None:
-        saved = json.loads((resume_from / io.COMPLETE_MARKER).read_text())
-        changed = [k for k in RESUME_KEYS if saved["options"].get(k) != state["options"][k]]
+
+def setup(o: Options) -> Setup:
+    """Check everything, load + patch the model once, read the data, make it trainable, build the optimizer, resume.
+    Nothing is written to output_dir until every check has passed."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    check_options(o)
+    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
+    world = accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # e.g. torchrun / --multi_gpu on a machine without GPUs: N independent runs would collide
+        raise ValueError(
+            f"{launched} processes were launched but accelerate sees {world}; on CPU-only machines set "
+            "ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N uses gloo then)"
+        )
+    out = Path(o.output_dir)
+    resumed_from = resume_checkpoint(o, out / "checkpoints")
+    logger.info(
+        "hf_rope_ext %s | %d process(es) on %s | output %s", hf_rope_ext.__version__, world, accelerator.device, out
+    )
+
+    model, tokenizer = load_and_patch(o)
+    plan = make_plan(model, tokenizer, o)
+    logger.info(
+        "extended %s: %d -> %d positions with %s; training %s at %d tokens%s%s",
+        type(model).__name__,
+        plan.original_length,
+        plan.target_length,
+        o.method,
+        o.train_mode,
+        plan.seq_len,
+        " + PoSE" if o.pose else "",
+        " + S²-Attn" if o.s2attn else "",
+    )
+    train_chunks, eval_chunks = load_data(o, plan, tokenizer, accelerator)
+
+    state = TrainState(options={k: getattr(o, k) for k in RESUME_KEYS}, num_processes=world)
+    if resumed_from is not None:
+        saved = json.loads((resumed_from / io.COMPLETE_MARKER).read_text())
+        changed = resume_mismatch(saved["options"], o)
         if changed:
             raise ValueError(
-                f"cannot resume from {resume_from}: options changed since it was written: "
-                + ", ".join(f"{k} {saved['options'].get(k)!r} -> {state['options'][k]!r}" for k in changed)
+                f"cannot resume from {resumed_from}: options changed since it was written: {', '.join(changed)}"
             )
         if saved.get("num_processes") != world:
             logger.warning(
@@ -921,27 +984,19 @@ def run(o: Options) -> RunResult:
                 world,
                 saved.get("num_processes"),
             )
-        state.update({k: saved[k] for k in ("step", "tokens", "loss_curve", "elapsed_s", "eval_before")})
-
-    eval_kwargs = {
-        "objective": plan.objective,
-        "batch_size": o.eval_batch_size,
-        "mask_token_id": tokenizer.mask_token_id,
-        "special_ids": list(tokenizer.all_special_ids),
-        "vocab_size": len(tokenizer),
-        "seed": o.seed,
-    }
+        for key in ("step", "tokens", "loss_curve", "elapsed_s", "eval_before"):
+            setattr(state, key, saved[key])
 
     # ---- every check passed: the run starts writing
-    if main:
-        if o.overwrite and ckpt_root.exists():
-            import shutil
-
-            shutil.rmtree(ckpt_root)
+    if accelerator.is_main_process:
+        if o.overwrite and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(yaml.safe_dump(asdict(o), sort_keys=False))
 
-    # ---- trainable parameters, memory savers, S²-Attn
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    skeleton = meta_copy(model) if sharded and accelerator.is_main_process else None
+    # ---- trainable parameters, memory savers, S²-Attn, optimizer
     if o.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -957,61 +1012,75 @@ def run(o: Options) -> RunResult:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader goes through prepare()
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = o.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        logger.info("resumed from %s at step %d", resume_from, state["step"])
-    elif eval_chunks is not None:  # the patched model before training (LoRA starts as a no-op)
-        state["eval_before"] = evaluate(accelerator, model, eval_chunks, eval_kwargs)
-        logger.info(
-            "held-out perplexity at %d before training: %.3f", plan.target_length, state["eval_before"]["perplexity"]
-        )
+    if resumed_from is not None:
+        accelerator.load_state(str(resumed_from))
+        logger.info("resumed from %s at step %d", resumed_from, state.step)
+    eval_kwargs = {
+        "objective": plan.objective,
+        "batch_size": o.eval_batch_size,
+        "mask_token_id": tokenizer.mask_token_id,
+        "special_ids": list(tokenizer.all_special_ids),
+        "vocab_size": len(tokenizer),
+        "seed": o.seed,
+    }
+    return Setup(
+        o, accelerator, model, tokenizer, plan, optimizer, params, train_chunks, eval_chunks, eval_kwargs, state,
+        resumed_from, out, skeleton,
+    )
 
-    # ---- training loop
+
+def train(s: Setup) -> RunResult | None:
+    """The training loop from ``s.state.step`` to max_steps; a checkpoint every save_every steps. Returns a stopped
+    RunResult (with its checkpoint) on a signal or at stop_after, else None (training finished)."""
     from tqdm.auto import tqdm
 
+    o, plan, accelerator, state = s.o, s.plan, s.accelerator, s.state
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if s.resumed_from is None and s.eval_chunks is not None:  # the patched model before training (LoRA is a no-op)
+        state.eval_before = evaluate(accelerator, s.model, s.eval_chunks, s.eval_kwargs)
+        logger.info(
+            "held-out perplexity at %d before training: %.3f", plan.target_length, state.eval_before["perplexity"]
+        )
     tokens_per_step = o.batch_size * plan.seq_len * o.grad_accum * world
-    start_step, started = state["step"], time.perf_counter()
-    elapsed_before = state["elapsed_s"]
+    start_step, started, elapsed_before = state.step, time.perf_counter(), state.elapsed_s
     stop_at = o.max_steps if o.stop_after is None else min(o.max_steps, start_step + o.stop_after)
-    bar = tqdm(total=o.max_steps, initial=start_step, desc="fine-tune", disable=not main, dynamic_ncols=True)
+    checkpoints = s.out / "checkpoints"
+    bar = tqdm(
+        total=o.max_steps, initial=start_step, desc="fine-tune", disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     with StopRequest() as stop:
         step = start_step
         while step < stop_at:
             torch.manual_seed(step_seed(o, step, rank, world))  # dropout: identical whether or not the run resumed
             gen = torch.Generator().manual_seed(step_seed(o, step, rank, world))
             lr = lr_at(step, o)
-            for group in optimizer.param_groups:
+            for group in s.optimizer.param_groups:
                 group["lr"] = lr
             losses = []
             for micro in range(o.grad_accum):
                 indices = data.micro_batch_indices(
-                    train_chunks.shape[0],
-                    step=step,
-                    micro=micro,
-                    grad_accum=o.grad_accum,
-                    batch_size=o.batch_size,
-                    world=world,
-                    rank=rank,
-                    seed=o.seed,
+                    s.train_chunks.shape[0], step=step, micro=micro, grad_accum=o.grad_accum,
+                    batch_size=o.batch_size, world=world, rank=rank, seed=o.seed,
                 )
-                batch = make_batch(train_chunks, indices, o, plan, tokenizer, gen)
+                batch = make_batch(s.train_chunks, indices, o, plan, s.tokenizer, gen)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.accumulate(model):
-                    loss = model(**batch, use_cache=False).loss
+                with accelerator.accumulate(s.model):
+                    loss = s.model(**batch, use_cache=False).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and o.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        accelerator.clip_grad_norm_(s.params, o.max_grad_norm)
+                    s.optimizer.step()
+                    s.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach().float())
             step += 1
             mean_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss is {mean_loss} at step {step}; lower lr or check the data")
-            state["loss_curve"].append([step, mean_loss])
-            state["tokens"] += tokens_per_step
-            state["step"] = step
-            state["elapsed_s"] = elapsed_before + time.perf_counter() - started
+            state.loss_curve.append([step, mean_loss])
+            state.tokens += tokens_per_step
+            state.step = step
+            state.elapsed_s = elapsed_before + time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             if step % o.log_every == 0 or step == 1:
@@ -1021,144 +1090,171 @@ def run(o: Options) -> RunResult:
                 flag = torch.tensor(float(requested), device=accelerator.device)
                 requested = float(accelerator.reduce(flag, reduction="sum")) > 0
             if requested or (step == stop_at and step < o.max_steps):
-                path = save_checkpoint(accelerator, ckpt_root, step, state, o.keep_checkpoints)
-                why = stop.reason or f"stop_after={o.stop_after}"
-                logger.warning("stopped at step %d (%s); continue with --resume true", step, why)
+                path = save_checkpoint(accelerator, checkpoints, state, o.keep_checkpoints)
+                logger.warning(
+                    "stopped at step %d (%s); continue with --resume true", step, stop.reason or f"stop_after={o.stop_after}"
+                )
                 bar.close()
                 return RunResult(stopped=True, step=step, checkpoint=path)
             if o.save_every and step % o.save_every == 0 and step < o.max_steps:
-                save_checkpoint(accelerator, ckpt_root, step, state, o.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoints, state, o.keep_checkpoints)
     bar.close()
+    return None
 
-    # ---- evaluation after training (on the trained, not yet merged model: same numbers, every process helps)
+
+def summarize(s: Setup, model: Any, eval_after: dict[str, Any] | None) -> TrainingSummary:
+    """The TrainingSummary of a finished run (what the model card reads)."""
+    o, plan, state, accelerator = s.o, s.plan, s.state, s.accelerator
+    world = accelerator.num_processes
+    curve = state.loss_curve
+    k = max(1, min(10, len(curve) // 5))  # loss_first / final_loss: means over a few steps
+    device = accelerator.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    mixed = str(accelerator.mixed_precision)
+    lora = None
+    if o.train_mode != "full":
+        lora = {
+            "r": o.lora_r,
+            "lora_alpha": o.lora_alpha,
+            "lora_dropout": o.lora_dropout,
+            "target_modules": adapters.short_names(plan.lora_targets)
+            if isinstance(plan.lora_targets, list)
+            else plan.lora_targets,
+            "modules_to_save": adapters.short_names(plan.modules_to_save) or None,
+        }
+    extras = ", ".join(["PoSE"] * o.pose + ["S2-Attn"] * o.s2attn)
+    return TrainingSummary(
+        method=o.method,
+        factor=plan.target_length / plan.original_length,
+        original_length=plan.original_length,
+        target_length=plan.target_length,
+        recipe=f"hf-rope-ext finetune ({o.train_mode}{', ' + extras if extras else ''})",
+        train_mode=o.train_mode,
+        data=list(o.data),
+        eval_data=list(o.eval_data) or "tail of the training data",
+        steps=state.step,
+        tokens=state.tokens,
+        seq_len=plan.seq_len,
+        batch_size=o.batch_size * o.grad_accum * world,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr,
+        warmup_steps=o.warmup_steps,
+        optimizer="AdamW",
+        scheduler=o.lr_scheduler,
+        precision=o.dtype if mixed == "no" else f"{mixed} mixed precision",
+        lora=lora,
+        seed=o.seed,
+        hardware=f"{world} x {device_name}",
+        num_processes=world,
+        distributed_type=str(accelerator.distributed_type.value),
+        wall_time_s=state.elapsed_s,
+        tokens_per_s=state.tokens / state.elapsed_s if state.elapsed_s else None,
+        **peak_memory(device),
+        loss_first=sum(c[1] for c in curve[:k]) / k if curve else None,
+        final_loss=sum(c[1] for c in curve[-k:]) / k if curve else None,
+        loss_curve=curve,
+        eval_before=state.eval_before,
+        eval_after=eval_after,
+        extension=patch_info(model),
+        options=asdict(o),
+    )
+
+
+def write_model_card(folder: Path, summary: TrainingSummary, base_model: str | None, repo_id: str) -> None:
+    """README.md through ``hf_rope_ext.cards``; a failure is a warning (the model is saved either way)."""
+    try:
+        from hf_rope_ext import cards
+
+        cards.write_card(folder, training=summary, base_model=base_model, repo_id=repo_id)
+    except Exception as err:
+        logger.warning("model card not written: %s", err)
+
+
+def save(s: Setup) -> RunResult:
+    """Held-out perplexity after training, then on the main process: merge LoRA, restore inference settings, save
+    model + tokenizer + TrainingSummary + loss plot + card into a temporary folder, moved into place at the end."""
+    from accelerate.utils import DistributedType
+
+    o, plan, accelerator, state = s.o, s.plan, s.accelerator, s.state
     eval_after = None
-    if eval_chunks is not None:
-        eval_after = evaluate(accelerator, model, eval_chunks, eval_kwargs)
-        before = state["eval_before"]["perplexity"] if state["eval_before"] else float("nan")
+    if s.eval_chunks is not None:  # on the trained, not yet merged model: same numbers, every process helps
+        eval_after = evaluate(accelerator, s.model, s.eval_chunks, s.eval_kwargs)
+        before = state.eval_before["perplexity"] if state.eval_before else float("nan")
         logger.info(
             "held-out perplexity at %d after training: %.3f (before: %.3f)",
             plan.target_length,
             eval_after["perplexity"],
             before,
         )
-
-    # ---- final model: merge LoRA, restore inference settings, save atomically with summary, plot, card
     accelerator.wait_for_everyone()
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded:  # gather the full weights (collective), rebuild the model on the main process's CPU
-        full_state = accelerator.get_state_dict(model)
-        final = rebuild_on_cpu(o, plan, full_state) if main else None
+    main = accelerator.is_main_process
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        full_state = accelerator.get_state_dict(s.model)  # a collective: every process gathers
+        model = rebuild_on_cpu(s.skeleton, o, plan, full_state) if main else None
     else:
-        final = accelerator.unwrap_model(model) if main else None
-        if final is not None and o.train_mode != "full":
-            final = final.merge_and_unload()
+        model = accelerator.unwrap_model(s.model) if main else None
+        if model is not None and o.train_mode != "full":
+            model = model.merge_and_unload()
     summary = None
     if main:
-        summary = finalize(o, plan, final, tokenizer, state, eval_after, out, world, accelerator)
+        s2attn.disable_s2attn(model)
+        if o.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+        model.eval()
+        if o.save_dtype != "auto":
+            model.to(getattr(torch, o.save_dtype))
+        summary = summarize(s, model, eval_after)
+        meta = dict(model.config.hf_rope_ext)
+        meta["finetune"] = {
+            "train_mode": o.train_mode,
+            "steps": state.step,
+            "tokens": state.tokens,
+            "seq_len": plan.seq_len,
+            "pose": o.pose,
+            "s2attn": o.s2attn,
+            "data": o.data,
+            "lr": o.lr,
+        }
+        model.config.hf_rope_ext = meta
+        final = s.out / "model"
+        with io.atomic_directory(final) as tmp:
+            model.save_pretrained(tmp)
+            s.tokenizer.save_pretrained(tmp)
+            if state.loss_curve:
+                title = f"{o.method} x{plan.target_length / plan.original_length:g}, {o.train_mode}"
+                plot_loss(state.loss_curve, tmp / "loss.png", title)
+                summary.plots = [{"path": "loss.png", "title": "Training loss"}]  # relative to the model folder
+            summary.save(tmp)
+            if o.model_card:
+                local = Path(o.model).expanduser().exists() or o.model in ("smollm2", "minilm")
+                write_model_card(tmp, summary, base_model=None if local else o.model, repo_id=str(final))
+        logger.info("saved %s (%d steps, %.0f tokens/s)", final, state.step, summary.tokens_per_s or 0)
     accelerator.wait_for_everyone()
-    return RunResult(stopped=False, step=state["step"], summary=summary, model=final)
+    return RunResult(stopped=False, step=state.step, summary=summary, model=model)
 
 
-def rebuild_on_cpu(o: Options, plan: Plan, full_state: dict[str, torch.Tensor]) -> Any:
-    """FSDP / DeepSpeed: a fresh CPU copy of the trained model from the gathered state dict, merged."""
-    model, _ = load_model(
-        o.model, dtype=o.dtype, task={"auto": "auto", "causal": "causal-lm", "masked": "masked-lm"}[o.objective]
-    )
-    patch_model(
-        model,
-        o.method,
-        factor=o.factor,
-        max_position_embeddings=o.target_length,
-        original_max_position_embeddings=o.original_length,
-        **o.method_params,
-    )
-    model = make_trainable(model, o, plan)  # the same module names as the trained model; weights come from full_state
-    missing, unexpected = model.load_state_dict(full_state, strict=False)
-    storage = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
-    loaded = {storage[name] for name in full_state if name in storage}
-    missing = [k for k in missing if storage.get(k) not in loaded]  # tied weights arrive once, under one name
-    if missing or unexpected:
-        raise RuntimeError(
-            f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model if o.train_mode == "full" else model.merge_and_unload()
+def run(o: Options) -> RunResult:
+    """Train as ``o`` says: to the end (saved model) or to an early stop (checkpoint)."""
+    s = setup(o)
+    stopped = train(s)
+    return stopped if stopped is not None else save(s)
 
 
-def finalize(
-    o: Options,
-    plan: Plan,
-    model: Any,
-    tokenizer: Any,
-    state: dict[str, Any],
-    eval_after: dict[str, Any] | None,
-    out: Path,
-    world: int,
-    accelerator: Any,
-) -> dict[str, Any]:
-    s2attn.disable_s2attn(model)
-    if o.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.config.use_cache = True
-    model.eval()
-    if o.save_dtype != "auto":
-        model.to(getattr(torch, o.save_dtype))
-    curve = state["loss_curve"]
-    k = max(1, min(10, len(curve) // 5))
-    summary = {
-        "steps": state["step"],
-        "tokens": state["tokens"],
-        "seq_len": plan.seq_len,
-        "original_length": plan.original_length,
-        "target_length": plan.target_length,
-        "loss_first": sum(c[1] for c in curve[:k]) / k if curve else None,
-        "loss_last": sum(c[1] for c in curve[-k:]) / k if curve else None,
-        "loss_curve": curve,
-        "wall_time_s": state["elapsed_s"],
-        "tokens_per_s": state["tokens"] / state["elapsed_s"] if state["elapsed_s"] else None,
-        **peak_memory(accelerator.device),
-        "num_processes": world,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "device": torch.cuda.get_device_name(accelerator.device)
-        if accelerator.device.type == "cuda"
-        else accelerator.device.type,
-        "mixed_precision": str(accelerator.mixed_precision),
-        "eval": {"before": state["eval_before"], "after": eval_after},
-        "extension": patch_info(model),
-        "options": asdict(o),
-    }
-    meta = dict(model.config.hf_rope_ext)
-    meta["finetune"] = {
-        "train_mode": o.train_mode,
-        "steps": state["step"],
-        "tokens": state["tokens"],
-        "seq_len": plan.seq_len,
-        "pose": o.pose,
-        "s2attn": o.s2attn,
-        "data": o.data,
-        "lr": o.lr,
-    }
-    model.config.hf_rope_ext = meta
-    with io.atomic_directory(out / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        if curve:
-            plot_loss(
-                curve, tmp / "loss.png", f"{o.method} x{plan.target_length / plan.original_length:g}, {o.train_mode}"
-            )
-        if o.model_card:
-            write_model_card(tmp, o, plan, summary, repo_id=str(out / "model"))
-    logger.info("saved %s (%d steps, %.0f tokens/s)", out / "model", state["step"], summary["tokens_per_s"] or 0)
-    return summary
-
-
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Command line: parse, run; a bad option or config is one error line and exit status 2."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        o = parse_options(argv)
+        o = parse_options(argv, prog=prog)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    try:
         run(o)
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
@@ -1167,4 +1263,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

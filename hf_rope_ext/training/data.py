@@ -6,7 +6,8 @@ Sources (a list; each entry is one of):
   ``text_field``), ``.parquet`` (column ``text_field``; needs pyarrow);
 - a local folder: every such file inside it (recursively, sorted), or a dataset saved with ``datasets``'
   ``save_to_disk``;
-- ``builtin:pydoc`` / ``builtin:stdlib``: offline corpora shipped with Python itself (for smoke runs);
+- ``builtin:pydoc`` (or ``builtin``) / ``builtin:stdlib``: offline corpora shipped with Python itself (for smoke
+  runs), the same text the evaluation reads (:mod:`hf_rope_ext.text` defines them and reads every file type);
 - anything else: a ``datasets`` dataset name for ``datasets.load_dataset`` (needs ``pip install datasets``).
 
 Documents are tokenised once, joined with the end-of-sequence token and cached as one flat token stream
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import text
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
-BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("pydoc", "stdlib")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: built-in corpora read as hf_rope_ext.text defines them (as the evaluation does)
 
 
 def default_cache_dir() -> Path:
@@ -58,7 +58,7 @@ class Source:
     kind: str
     """"file", "saved_dataset", "builtin" or "hub" (a ``datasets`` name)."""
     location: str
-    """Absolute path, built-in name or dataset name."""
+    """Absolute path, canonical built-in name (``builtin:pydoc``) or dataset name."""
 
 
 def resolve_sources(entries: list[str]) -> list[Source]:
@@ -69,17 +69,13 @@ def resolve_sources(entries: list[str]) -> list[Source]:
     for entry in entries:
         if not isinstance(entry, str) or not entry.strip():
             raise ValueError(f"data entries must be non-empty strings, got {entry!r}")
-        if entry.startswith(BUILTIN_PREFIX):
-            name = entry[len(BUILTIN_PREFIX) :]
-            if name not in BUILTINS:
-                raise ValueError(
-                    f"unknown built-in corpus {entry!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
-                )
-            sources.append(Source("builtin", name))
+        builtin = text.builtin_source(entry)  # an unknown builtin:... name is refused, naming the valid ones
+        if builtin is not None:
+            sources.append(Source("builtin", builtin))
             continue
         path = Path(entry).expanduser()
         if path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            if text.is_saved_dataset(path):
                 sources.append(Source("saved_dataset", str(path.resolve())))
                 continue
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
@@ -107,58 +103,6 @@ def resolve_sources(entries: list[str]) -> list[Source]:
     return sources
 
 
-def _builtin_documents(name: str) -> Iterator[str]:
-    if name == "pydoc":  # Python's own reference text (~460k characters of English prose and code)
-        from pydoc_data import topics
-
-        for key in sorted(topics.topics):
-            yield topics.topics[key]
-    else:  # "stdlib": the top-level modules of the standard library (several MB of Python source)
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        for path in sorted(stdlib.glob("*.py")):
-            yield path.read_text(encoding="utf-8", errors="replace")
-
-
-def _records_text(records: Iterator[Any], text_field: str, where: str) -> Iterator[str]:
-    for i, record in enumerate(records):
-        if isinstance(record, str):
-            yield record
-        elif isinstance(record, dict):
-            if text_field not in record:
-                raise ValueError(
-                    f"{where}: record {i} has no field {text_field!r} (fields: {', '.join(record)}); set text_field"
-                )
-            yield str(record[text_field])
-        else:
-            raise ValueError(f"{where}: record {i} is neither a string nor an object")
-
-
-def _file_documents(path: str, text_field: str) -> Iterator[str]:
-    suffix = Path(path).suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        yield Path(path).read_text(encoding="utf-8", errors="replace")
-    elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            lines = (json.loads(line) for line in f if line.strip())
-            yield from _records_text(lines, text_field, path)
-    elif suffix == ".json":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-        yield from _records_text(iter(data), text_field, path)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise ValueError(
-                f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); set text_field"
-            )
-        yield from (str(t) for t in table.column(text_field).to_pylist())
-
-
 def _dataset_documents(source: Source, text_field: str, config: str | None, split: str) -> Iterator[str]:
     import datasets
 
@@ -175,12 +119,7 @@ def _dataset_documents(source: Source, text_field: str, config: str | None, spli
             raise ValueError(
                 f"could not load dataset {source.location!r} (config {config!r}, split {split!r}): {err}"
             ) from err
-    if text_field not in ds.column_names:
-        raise ValueError(
-            f"dataset {source.location}: no column {text_field!r} (columns: {', '.join(ds.column_names)})"
-        )
-    for row in ds:
-        yield str(row[text_field])
+    yield from text.dataset_documents(ds, text_field, f"dataset {source.location}")
 
 
 def iter_documents(
@@ -189,9 +128,9 @@ def iter_documents(
     """Every document of every source, in order."""
     for source in sources:
         if source.kind == "builtin":
-            yield from _builtin_documents(source.location)
+            yield from text.builtin_documents(source.location)
         elif source.kind == "file":
-            yield from _file_documents(source.location, text_field)
+            yield from text.file_documents(source.location, text_field, setting="text_field")
         else:
             yield from _dataset_documents(source, text_field, dataset_config, dataset_split)
 

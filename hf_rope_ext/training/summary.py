@@ -33,6 +33,7 @@ class TrainingSummary:
     recipe: str | None = _f("what trained the model (recipe and its mode)")
     train_mode: str | None = _f("full, lora or lora_plus (LongLoRA: LoRA + embeddings and norms trained)")
     data: list[str] | str | None = _f("training text sources")
+    eval_data: list[str] | str | None = _f("held-out text of eval_before / eval_after (never trained on)")
     steps: int | None = _f("optimizer steps done")
     tokens: int | None = _f("training tokens seen (all processes)")
     seq_len: int | None = _f("tokens per training sequence")
