@@ -1,18 +1,33 @@
 """Model cards: Hub metadata validated by huggingface_hub's own ModelCard tools; text checked against the saved
-config.json and the results files (numbers formatted independently here)."""
+config.json and the results (numbers formatted independently here). Results are the typed reports hf_rope_ext
+writes, a TrainingSummary, and the one row format; anything else is refused before a file is written."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from hf_rope_ext.cards import fingerprint, load_results, read_marker, render_card, write_card
+from hf_rope_ext.cards import (
+    fingerprint,
+    load_results,
+    read_marker,
+    read_model_id,
+    render_card,
+    retarget_card,
+    template_text,
+    write_card,
+)
 from hf_rope_ext.cli import main
+from hf_rope_ext.eval.compare import CompareReport, MethodRun
+from hf_rope_ext.eval.perplexity import PerplexityReport, PerplexityResult
+from hf_rope_ext.eval.retrieval import RetrievalReport
+from hf_rope_ext.training.summary import TrainingSummary
 
 from .model_folders import NEW, ORIGINAL, PNG, save_extended_bert, save_patched_llama
 
@@ -34,36 +49,58 @@ def yarn_dir(saved, tmp_path) -> Path:
     return folder
 
 
+YARN = {"method": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL, "max_position_embeddings": NEW}
+
+
+def _retrieval(task: str, patch: dict | None, lengths: list[int], depths: list[float], accuracy: list[list[float]],
+               trials: int = 1) -> RetrievalReport:
+    return RetrievalReport(task=task, model="out/tiny", patch=patch, lengths=lengths, depths=depths,
+                           trials_per_cell=trials, seed=0, accuracy=accuracy)
+
+
+def _perplexity(patch: dict | None, values: dict[int, float], text: str = "builtin:pydoc") -> PerplexityReport:
+    return PerplexityReport(model="out/tiny", patch=patch, text=text, text_description="", offset=0, results=[
+        PerplexityResult(window=n, stride=n, tokens=4 * n, scored_tokens=4 * n - 4, windows=4, nll=math.log(v),
+                         perplexity=v, bucket_size=n) for n, v in values.items()])
+
+
+def _summary(**fields) -> TrainingSummary:
+    defaults = dict(
+        method="yarn", factor=4.0, steps=400, tokens=13107200, seq_len=256, learning_rate=2e-5,
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+              "modules_to_save": ["embed_tokens", "norm"]},
+        hardware="1 x NVIDIA H100 80GB", wall_time_s=3723.0, tokens_per_s=3520.4, peak_memory_bytes=21 * 2**30,
+        peak_memory_kind="cuda_max_allocated", data=["emozilla/pg19"],
+        loss_curve=[[1, 3.25], [200, 2.5], [400, 2.125]],
+        eval_before={"perplexity": 15.2, "nll": math.log(15.2), "tokens": 2040, "chunks": 8, "length": 256,
+                     "objective": "causal"},
+        eval_after={"perplexity": 9.875, "nll": math.log(9.875), "tokens": 2040, "chunks": 8, "length": 256,
+                    "objective": "causal"},
+        options={"lr": 2e-5, "max_steps": 400},
+    )
+    return TrainingSummary(**{**defaults, **fields})
+
+
 @pytest.fixture
 def results(tmp_path) -> dict[str, Path]:
-    """One results file of each kind, in different accepted shapes."""
+    """One results file of each accepted kind, as JSON files."""
     src = tmp_path / "eval"
     src.mkdir()
-    (src / "ppl_by_length.png").write_bytes(PNG)
-    (src / "passkey_grid.png").write_bytes(PNG)
-    (src / "loss.png").write_bytes(PNG)
+    for name in ("ppl_by_length.png", "needle_grid.png", "loss.png"):
+        (src / name).write_bytes(PNG)
     files = {
-        "perplexity": {"task": "perplexity", "dataset": "pg19", "plots": ["ppl_by_length.png"], "results": [
-            {"method": "yarn", "length": 64, "perplexity": 12.3456, "stride": 32, "unknown": "ignored"},
-            {"method": "yarn", "length": 256, "perplexity": 14.0123},
-            {"method": "base", "length": 64, "perplexity": 12.31},
-            {"method": "base", "length": 256, "perplexity": 812.75},
+        "perplexity": {"kind": "rows", "plots": [{"path": "ppl_by_length.png", "task": "perplexity"}], "rows": [
+            {"task": "perplexity", "method": "yarn", "length": 64, "value": 12.3456, "dataset": "pg19"},
+            {"task": "perplexity", "method": "yarn", "length": 256, "value": 14.0123, "dataset": "pg19"},
+            {"task": "perplexity", "method": "none", "length": 64, "value": 12.31, "dataset": "pg19"},
+            {"task": "perplexity", "method": "none", "length": 256, "value": 812.75, "dataset": "pg19"},
         ]},
-        "passkey": [  # a plain list of rows; accuracy in percent
-            {"length": 128, "depth": 0.0, "accuracy": 100},
-            {"length": 128, "depth": 0.5, "accuracy": 0},
-            {"length": 256, "depth": 0.0, "accuracy": 100},
-            {"length": 256, "depth": 0.5, "accuracy": 100},
-        ],
-        "needle": {"task": "needle", "method": "yarn", "lengths": [128, 256], "depths": [0.25, 0.75],
-                   "accuracy": [[0.9, 0.6], [0.8, 0.4]], "plot": {"path": "passkey_grid.png", "title": "Needle grid"}},
-        "training": {"steps": 400, "train_tokens": 13107200, "seq_len": 256, "learning_rate": 2e-5,
-                     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
-                              "modules_to_save": ["embed_tokens", "norm"]},
-                     "hardware": "1x NVIDIA H100 80GB", "wall_time_s": 3723, "tokens_per_s": 3520.4,
-                     "peak_memory_gb": 21.4, "data": {"name": "emozilla/pg19", "split": "train"},
-                     "loss_curve": [{"step": 1, "loss": 3.25}, {"step": 400, "loss": 2.125}], "plots": ["loss.png"],
-                     "some_future_key": {"x": 1}},
+        "passkey": _retrieval("passkey", YARN, [128, 256], [0.0, 0.5], [[1.0, 1.0], [0.0, 1.0]]).to_dict(),
+        "needle": {"kind": "rows", "plots": [{"path": "needle_grid.png", "title": "Needle grid", "task": "needle"}],
+                   "rows": [{"task": "needle", "method": "yarn", "length": length, "depth": depth, "value": value}
+                            for depth, row in ((0.25, (0.9, 0.6)), (0.75, (0.8, 0.4)))
+                            for length, value in zip((128, 256), row, strict=True)]},
+        "training": _summary(plots=[{"path": "loss.png", "title": "Training loss"}]).to_dict(),
     }
     paths = {}
     for name, data in files.items():
@@ -89,6 +126,17 @@ def _section(text: str, title: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_templates_ship_inside_the_package():
+    import hf_rope_ext.cards
+
+    folder = Path(hf_rope_ext.cards.__file__).parent / "templates"
+    for name in ("causal_lm", "encoder"):
+        assert template_text(name) == (folder / f"{name}.md").read_text()
+        assert "${marker}" in template_text(name)
+    repo_link = Path(__file__).resolve().parent.parent / "model_cards"  # the documented path still works
+    assert repo_link.resolve() == folder.resolve()
+
+
 def test_card_metadata_parses_and_validates(yarn_dir, results, tmp_path):
     from huggingface_hub import EvalResult, ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -112,13 +160,15 @@ def test_card_metadata_parses_and_validates(yarn_dir, results, tmp_path):
     # model-index: this model's rows only (method "yarn" or unlabelled), one metric per length
     assert data.model_name == "tiny-yarn"
     assert all(isinstance(r, EvalResult) for r in data.eval_results)
-    got = {(r.metric_type, r.metric_name, r.metric_value) for r in data.eval_results}
-    assert ("perplexity", "Perplexity @ 64 tokens", 12.3456) in got
-    assert ("perplexity", "Perplexity @ 256 tokens", 14.0123) in got
-    assert ("accuracy", "Passkey accuracy @ 128 tokens", 0.5) in got
-    assert ("accuracy", "Passkey accuracy @ 256 tokens", 1.0) in got
-    assert ("accuracy", "Needle accuracy @ 128 tokens", 0.85) in got  # mean over depths 0.9, 0.8
-    assert not any(r.metric_value == 812.75 for r in data.eval_results)  # the base model's row is not ours
+    got = {(r.dataset_name, r.metric_type, r.metric_name, r.metric_value) for r in data.eval_results}
+    assert ("pg19", "perplexity", "Perplexity @ 64 tokens", 12.3456) in got
+    assert ("pg19", "perplexity", "Perplexity @ 256 tokens", 14.0123) in got
+    assert ("held-out text", "perplexity", "Perplexity @ 256 tokens", 9.875) in got  # after training
+    assert ("Passkey retrieval (synthetic)", "accuracy", "Passkey accuracy @ 128 tokens", 0.5) in got
+    assert ("Passkey retrieval (synthetic)", "accuracy", "Passkey accuracy @ 256 tokens", 1.0) in got
+    assert ("Needle in a haystack (synthetic)", "accuracy", "Needle accuracy @ 128 tokens", 0.85) in got  # mean
+    assert len(got) == 7
+    assert not any(r.metric_value in (812.75, 15.2) for r in data.eval_results)  # unpatched, before training
     assert {r.task_type for r in data.eval_results} == {"text-generation"}
 
     # the YAML re-parses through the model-index parser and round-trips through ModelCard unchanged
@@ -147,18 +197,21 @@ def test_card_text_states_method_parameters_and_lengths_from_config(yarn_dir):
         shown = "None (method default)" if value is None else (
             f"{value:g}" if isinstance(value, float) else str(value))
         assert re.search(rf"\| `{name}` \| {re.escape(shown)} \|", params), (name, shown)
+    # the meaning column carries the parameter's docstring (YarnParams.attention_factor's, in its words)
+    assert re.search(r"\| `attention_factor` \| [^|]+ \| Multiplier of cos and sin", params)
     # the exact rope_parameters written to config.json, including the resolved attention factor
     saved_block = json.loads(re.search(r"```json\n(.*?)\n```", body, re.S).group(1))
     assert saved_block["rope_parameters"] == config["rope_parameters"]
-    assert saved_block["rope_parameters"]["attention_factor"] == pytest.approx(0.1 * __import__("math").log(4) + 1)
+    assert saved_block["rope_parameters"]["attention_factor"] == pytest.approx(0.1 * math.log(4) + 1)
     # paper link and citation
     assert "https://arxiv.org/abs/2309.00071" in body and "@article{peng2023yarn" in body
     # native: plain transformers, no plugin import in the code
     code = _section(body, "## How to load")
     assert "import hf_rope_ext" not in code and "AutoModelForCausalLM.from_pretrained(" in code
     assert "`rope_type: yarn` is implemented by" in _section(body, "## Limitations")
-    # the card records what it was rendered for (push compares this with config.json)
+    # the card records what it was rendered for (push compares this with config.json) and the id it loads
     assert read_marker(text) == fingerprint(meta)
+    assert read_model_id(text) == "tiny-yarn" and 'from_pretrained("tiny-yarn"' in code
 
 
 def test_card_tables_carry_the_numbers_from_the_results_files(yarn_dir, results):
@@ -167,47 +220,79 @@ def test_card_tables_carry_the_numbers_from_the_results_files(yarn_dir, results)
 
     ppl = _section(body, "### Perplexity by context length")
     assert "On pg19:" in ppl
-    assert "| tokens | × original | yarn (this model) | base |" in ppl
-    rows = json.loads(results["perplexity"].read_text())["results"]
-    for length in (64, 256):
-        cells = [f"{r['perplexity']:.2f}" for r in rows if r["length"] == length]
-        assert f"| {length} | {length / ORIGINAL:g} | {cells[0]} | {cells[1]} |" in ppl
+    assert "| tokens | × original | yarn (this model) | none (not extended) |" in ppl
+    assert f"| 64 | {64 / ORIGINAL:g} | 12.35 | 12.31 |" in ppl
+    assert f"| 256 | {256 / ORIGINAL:g} | 14.01 | 812.75 |" in ppl
+    # the training summary's held-out perplexity: after training is this model, before training is compared
+    assert "On held-out text:" in ppl
+    assert "| tokens | × original | this model | before fine-tuning |" in ppl
+    assert f"| 256 | {256 / ORIGINAL:g} | 9.88 | 15.20 |" in ppl
 
-    passkey = _section(body, "### Passkey retrieval accuracy")
+    passkey = _section(body, "### Passkey retrieval accuracy")  # depths 0 and 0.5, one trial each
     assert "| 128 | 2 | 50% (1/2) |" in passkey and "| 256 | 4 | 100% (2/2) |" in passkey
     needle = body[body.index("### Needle-in-a-haystack accuracy"):]
     assert "| 25% | 90% | 60% |" in needle and "| 75% | 80% | 40% |" in needle
 
     training = _section(body, "## Fine-tuning")
-    for expected in ("| optimizer steps | 400 |", "| training tokens | 13,107,200 (≈13.1M) |",
-                     "| sequence length | 256 |", "| learning rate | 2e-05 |", "| LoRA r | 8 |", "| LoRA alpha | 16 |",
-                     "| LoRA dropout | 0.05 |", "| LoRA target modules | q_proj, v_proj |",
-                     "| LoRA trained in full | embed_tokens, norm |", "| hardware | 1x NVIDIA H100 80GB |",
-                     "| wall time | 1h 02m 03s |", "| throughput | 3,520 tokens/s |",
-                     "| peak accelerator memory | 21.4 GB |", "| data | emozilla/pg19 (split=train) |",
-                     "| loss curve | 3.25 (step 1) → 2.125 (step 400), 2 points |"):
-        assert expected in training, expected
-    assert "some_future_key" not in body
+    assert "| field | value | meaning |" in training
+    help = TrainingSummary.field_help()  # the meaning column is the dataclass's own help
+    for name, shown in (("steps", "400"), ("tokens", "13,107,200 (≈13.1M)"), ("seq_len", "256"),
+                        ("learning_rate", "2e-05"), ("hardware", "1 x NVIDIA H100 80GB"),
+                        ("wall_time_s", "1h 02m 03s"), ("tokens_per_s", "3,520 tokens/s"),
+                        ("peak_memory_bytes", "21 GiB"), ("data", "emozilla/pg19"), ("factor", "4"),
+                        ("loss_curve", "3.25 (step 1) → 2.125 (step 400), 3 points"),
+                        ("lora", "r=8; lora_alpha=16; lora_dropout=0.05; target_modules=q_proj, v_proj; "
+                                 "modules_to_save=embed_tokens, norm"),
+                        ("eval_before", "perplexity 15.20 at 256 tokens (8 chunks, 2,040 tokens scored, causal "
+                                        "objective)")):
+        assert f"| `{name}` | {shown} | {help[name]} |" in training, name
+    assert "`seed`" not in training  # not recorded: not shown
+    assert '"max_steps": 400' in training  # the options, folded
     assert "and the fine-tuning described above" in body
+
+
+def test_training_summary_object_folder_and_default(yarn_dir):
+    """training= takes the object, the file, the folder; without it the folder's own training_summary.json is
+    used; the card renders the before / after perplexity from the summary alone (no results=)."""
+    summary = _summary()
+    from_object = render_card(yarn_dir, training=summary)
+    assert "| 256 | 4 | 9.88 | 15.20 |" in from_object
+    path = summary.save(yarn_dir)
+    assert path == yarn_dir / "training_summary.json"
+    assert render_card(yarn_dir, training=path) == from_object
+    assert render_card(yarn_dir, training=yarn_dir) == from_object
+    assert render_card(yarn_dir) == from_object  # found in the folder
+    assert render_card(yarn_dir, results=[path]) == from_object  # also accepted as a results file (kind tag)
+    path.unlink()
+    assert "No training summary was supplied" in render_card(yarn_dir)
 
 
 def test_plots_are_copied_into_the_folder_and_linked(yarn_dir, results, tmp_path, caplog):
     extra = tmp_path / "attention.png"
     extra.write_bytes(PNG)
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({"task": "perplexity", "plots": ["missing.png"], "results": [
-        {"length": 64, "perplexity": 10.0}]}))
+    broken.write_text(json.dumps({"kind": "rows", "plots": ["missing.png"], "rows": [
+        {"task": "perplexity", "length": 64, "value": 10.0}]}))
     with caplog.at_level(logging.WARNING, logger="hf_rope_ext.cards"):
         text = write_card(yarn_dir, results=[results["perplexity"], results["needle"], broken],
                           training=results["training"], plots=[extra]).read_text()
-    for name in ("ppl_by_length.png", "passkey_grid.png", "loss.png", "attention.png"):
+    for name in ("ppl_by_length.png", "needle_grid.png", "loss.png", "attention.png"):
         assert (yarn_dir / "plots" / name).read_bytes() == PNG
         assert f"](plots/{name})" in text
-    assert "![Needle grid](plots/passkey_grid.png)" in _section(text, "### Needle-in-a-haystack accuracy")
-    assert "](plots/loss.png)" in _section(text, "## Fine-tuning")
+    assert "](plots/ppl_by_length.png)" in _section(text, "### Perplexity by context length")
+    assert "![Needle grid](plots/needle_grid.png)" in _section(text, "### Needle-in-a-haystack accuracy")
+    assert "![Training loss](plots/loss.png)" in _section(text, "## Fine-tuning")
+    assert "](plots/attention.png)" in _section(text, "### Plots")
     assert "missing.png" not in text and any("missing.png" in r.message for r in caplog.records)
-    with pytest.raises(FileNotFoundError, match="plot not found"):
+    with pytest.raises(FileNotFoundError, match="plots: .*nope.png not found"):
         render_card(yarn_dir, plots=[tmp_path / "nope.png"])
+
+
+def test_training_plots_are_relative_to_the_model_folder(yarn_dir):
+    (yarn_dir / "loss.png").write_bytes(PNG)
+    text = write_card(yarn_dir, training=_summary(plots=[{"path": "loss.png", "title": "Loss"}])).read_text()
+    assert "![Loss](loss.png)" in _section(text, "## Fine-tuning")  # already in the folder: linked, not copied
+    assert not (yarn_dir / "plots").exists()
 
 
 def test_plugin_only_method_says_import_first_and_warns_about_kv_cache(saved):
@@ -249,90 +334,182 @@ def test_card_without_results_says_so_and_has_no_model_index(yarn_dir):
     assert "No training summary was supplied" in text
 
 
-def test_load_results_accepts_documented_shapes(tmp_path):
-    bundle = tmp_path / "all.json"
-    bundle.write_text(json.dumps({
-        "perplexity": {"lengths": [64, 128], "perplexities": [9.5, 10.25], "method": "yarn"},
-        "passkey": {"results": {"yarn": [{"seq_len": 128, "correct": 3, "total": 4}], "base": [
-            {"context_length": 128, "acc": 0.25, "trials": 4}]}},
-        "training": {"max_steps": 10, "lr": 1e-4, "train_runtime": 61.5},
-        "notes": "ignored",
-    }))
-    keyed = {"task": "perplexity", "results": {"64": 7.5, "256": 8.0}}
-    res = load_results([bundle, keyed, [{"length": 512, "ppl": 3.0}]])
-    ppl = {(r.method, r.length): r.value for r in res.of("perplexity")}
-    assert ppl == {("yarn", 64): 9.5, ("yarn", 128): 10.25, (None, 64): 7.5, (None, 256): 8.0, (None, 512): 3.0}
-    passkey = {(r.method, r.length): (r.value, r.trials) for r in res.of("passkey")}
-    assert passkey == {("yarn", 128): (0.75, 4), ("base", 128): (0.25, 4)}
-    assert res.training == {"steps": 10, "learning_rate": 1e-4, "wall_time_s": 61.5}
-
-    needle_file = tmp_path / "needle_results.json"  # the file name tells needle from passkey
-    needle_file.write_text(json.dumps([{"length": 64, "accuracy": 0.5}]))
-    assert load_results([needle_file]).of("needle")[0].value == 0.5
-    after = tmp_path / "ppl_after_training.json"  # ... but never turns results into a training summary
-    after.write_text(json.dumps({"data": "pg19", "lengths": [64], "perplexities": [4.5]}))
-    res = load_results([after])
-    assert res.training is None and [(r.length, r.value) for r in res.of("perplexity")] == [(64, 4.5)]
+# --------------------------------------------------------------------------------------------------------------------
+# the reader
 
 
-def test_load_results_reads_hf_rope_ext_eval_reports():
-    """The JSON written by `hf-rope-ext eval ... --out` (perplexity, passkey/needle, compare), as literals."""
-    yarn = {"method": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "max_position_embeddings": 256}
-    perplexity = {"kind": "perplexity", "model": "out/tiny", "patch": yarn, "text": "builtin:pydoc",
-                  "text_description": "pydoc topics", "offset": 0, "seconds": 1.0, "results": [
-                      {"window": 256, "stride": 256, "tokens": 4096, "scored_tokens": 4080, "windows": 16, "nll": 2.1,
-                       "perplexity": 8.17, "bucket_size": 64, "buckets": [], "seconds": 0.5,
-                       "derived_from_window": None}]}
-    passkey = {"kind": "retrieval", "task": "passkey", "model": "out/tiny", "patch": None, "lengths": [64, 128],
-               "depths": [0.0, 0.5], "trials_per_cell": 2, "seed": 0, "accuracy": [[1.0, 0.5], [0.5, 0.0]],
-               "trials": [{"length": 64, "depth": 0.0, "correct": True}], "settings": {}, "overall_accuracy": 0.5}
-    compare = {"kind": "compare", "model": "m", "original_length": 64, "patch_arguments": {"factor": 4},
-               "lengths": [256], "text": "builtin:pydoc", "text_description": "", "offset": 0, "notes": [], "runs": [
-                   {"method": "none", "patch": None, "perplexity": {**perplexity, "patch": None, "results": [
-                       {**perplexity["results"][0], "perplexity": 95.5}]}, "passkey": None},
-                   {"method": "yarn", "patch": yarn, "perplexity": perplexity, "passkey": {**passkey, "patch": yarn}},
-                   {"method": "linear", "patch": None, "perplexity": None, "passkey": None, "error": "refused"}]}
-    res = load_results([perplexity, passkey, compare])
-    ppl = [(r.method, r.length, r.value, r.dataset) for r in res.of("perplexity")]
-    assert ppl == [("yarn", 256, 8.17, "builtin:pydoc"), ("unpatched", 256, 95.5, "builtin:pydoc"),
-                   ("yarn", 256, 8.17, "builtin:pydoc")]
-    cells = {(r.method, r.length, r.depth): (r.value, r.trials) for r in res.of("passkey")}
-    assert cells[("unpatched", 128, 0.0)] == (0.5, 2) and cells[("yarn", 64, 0.5)] == (0.5, 2)
-    assert len(cells) == 8
+def test_rows_format(tmp_path):
+    """The documented row format, read row by row (values, labels, depth, trials, dataset kept as given)."""
+    (tmp_path / "a.png").write_bytes(PNG)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"kind": "rows", "plots": ["a.png", {"path": "b.png", "title": "B", "task": "needle"}],
+                                "rows": [
+        {"task": "perplexity", "length": 8192, "value": 7.1, "method": "yarn", "dataset": "pg19"},
+        {"task": "perplexity", "length": 8192, "value": 95.5, "method": "none", "dataset": "pg19"},
+        {"task": "passkey", "length": 4096, "value": 0.75, "trials": 4},
+        {"task": "needle", "length": 4096, "value": 1.0, "depth": 0.5, "method": None},
+        {"task": "perplexity", "length": 16384, "value": float("inf")},
+    ]}))
+    res = load_results([path])
+    assert [(r.task, r.length, r.value, r.method, r.depth, r.trials, r.dataset) for r in res.rows] == [
+        ("perplexity", 8192, 7.1, "yarn", None, None, "pg19"),
+        ("perplexity", 8192, 95.5, "none", None, None, "pg19"),
+        ("passkey", 4096, 0.75, None, None, 4, None),
+        ("needle", 4096, 1.0, None, 0.5, None, None),
+        ("perplexity", 16384, float("inf"), None, None, None, None),
+    ]
+    assert [(p.path, p.title, p.task) for p in res.plots] == [
+        (tmp_path / "a.png", "A", None), (tmp_path / "b.png", "B", "needle")]
+    assert res.training is None and res.sources == [str(path)]
 
 
-def test_training_details_from_nested_options_and_from_the_saved_finetune_record(yarn_dir):
-    summary = {"steps": 30, "tokens": 7680, "loss_last": 2.5, "peak_memory_bytes": 2.5e9,
-               "peak_memory_kind": "cpu_peak_rss", "options": {"data": "builtin:stdlib", "lr": 3e-4, "lora_r": 4,
-                                                               "lora_alpha": 8, "train_mode": "lora"}}
-    training = load_results([{**summary, "task": "training"}]).training
-    assert training["learning_rate"] == 3e-4 and training["lora"] == {"r": 4, "alpha": 8}
-    body = _body(render_card(yarn_dir, training=summary))
-    for expected in ("| final training loss | 2.5 |", "| peak process memory (RSS) | 2.5 GB |", "| LoRA r | 4 |",
-                     "| data | builtin:stdlib |", "| training mode | lora |"):
-        assert expected in body, expected
+def test_load_results_reads_hf_rope_ext_eval_reports(tmp_path):
+    """The reports `hf-rope-ext eval ... --out` writes (perplexity, retrieval, compare), as objects and as JSON."""
+    perplexity = _perplexity(YARN, {256: 8.17})
+    passkey = _retrieval("passkey", None, [64, 128], [0.0, 0.5], [[1.0, 0.5], [0.5, 0.0]], trials=2)
+    compare = CompareReport(model="m", original_length=64, patch_arguments={"factor": 4}, lengths=[256],
+                            text="builtin:stdlib", text_description="", offset=0, runs=[
+                                MethodRun("none", None, _perplexity(None, {256: 95.5}), None),
+                                MethodRun("yarn", YARN, perplexity,
+                                          _retrieval("passkey", YARN, [64], [0.5], [[0.5]], trials=2)),
+                                MethodRun("linear", None, None, None, error="refused")])
+    files = []
+    for name, report in (("ppl", perplexity), ("passkey", passkey), ("compare", compare)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(report.to_dict()))
+    for res in (load_results([perplexity, passkey, compare]), load_results(files)):
+        ppl = [(r.method, r.length, r.value, r.dataset) for r in res.of("perplexity")]
+        assert ppl == [("yarn", 256, 8.17, "builtin:pydoc"), ("none", 256, 95.5, "builtin:stdlib"),
+                       ("yarn", 256, 8.17, "builtin:stdlib")]  # compare: the run's method, the compare's text
+        cells = {(r.method, r.length, r.depth): (r.value, r.trials) for r in res.of("passkey")}
+        assert cells == {("none", 64, 0.0): (1.0, 2), ("none", 128, 0.0): (0.5, 2),
+                         ("none", 64, 0.5): (0.5, 2), ("none", 128, 0.5): (0.0, 2),
+                         ("yarn", 64, 0.5): (0.5, 2)}
 
-    config = json.loads((yarn_dir / "config.json").read_text())  # recipes/finetune.py records its run here
-    config["hf_rope_ext"]["finetune"] = {"train_mode": "full", "steps": 12, "tokens": 3072, "seq_len": 256,
-                                         "data": "builtin:pydoc", "lr": 1e-4}
-    (yarn_dir / "config.json").write_text(json.dumps(config))
-    training = _section(_body(render_card(yarn_dir)), "## Fine-tuning")
-    assert "| optimizer steps | 12 |" in training and "| training mode | full |" in training
+
+_ACCEPTED = "perplexity, retrieval, compare, training_summary, rows"
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        ([{"perplexity": 3.0}], "has no length"),
-        ({"task": "passkey", "results": [{"length": 64, "accuracy": 250}]}, "fraction"),
-        ({"task": "perplexity", "results": [{"length": 64.5, "perplexity": 3.0}]}, "positive integer"),
-        ({"hello": 1}, "no results found"),
-        ([{"length": 64, "foo": 1}], "cannot tell what"),
+        ({"task": "perplexity", "results": [{"length": 64, "perplexity": 3.0}]}, f"no \"kind\".*one of {_ACCEPTED}"),
+        ({"kind": "ppl", "rows": []}, f"unknown kind 'ppl'.*one of {_ACCEPTED}"),
+        ([{"length": 64, "perplexity": 3.0}], f"got list.*one of {_ACCEPTED}"),
+        ({"kind": "rows", "rows": [{"task": "ppl", "length": 64, "value": 3.0}]},
+         r"rows\[0\]: task must be one of perplexity, passkey, needle; got 'ppl'"),
+        ({"kind": "rows", "rows": [{"task": "perplexity", "length": 64, "perplexity": 3.0}]},
+         r"unknown key\(s\) 'perplexity'; a row has: task, length, value, method, depth, trials, dataset"),
+        ({"kind": "rows", "rows": [{"task": "passkey", "length": 64, "value": 75}]}, r"fraction in \[0, 1\]"),
+        ({"kind": "rows", "rows": [{"task": "perplexity", "length": 64.5, "value": 3.0}]}, "positive integer"),
+        ({"kind": "rows", "rows": [{"task": "perplexity", "length": 64}]}, "missing 'value'"),
+        ({"kind": "rows", "rows": [{"task": "perplexity", "length": 64, "value": 3.0, "method": "unpatched"}]},
+         "the model without extension is 'none'"),
+        ({"kind": "rows", "rows": [{"task": "perplexity", "length": 64, "value": 3.0, "depth": 0.5}]},
+         "depth applies to passkey / needle rows only"),
+        ({"kind": "rows", "rows": [], "dataset": "pg19"}, r"unknown key\(s\) 'dataset' in a rows file"),
+        ({"kind": "training_summary", "lr": 1e-4}, r"unknown fields \['lr'\]"),
+        ({"kind": "retrieval", "task": "passkey"}, "not a valid retrieval report"),
     ],
 )
-def test_load_results_rejects_unreadable_input_clearly(data, message):
+def test_unreadable_results_are_refused_before_anything_is_written(yarn_dir, data, message):
+    (yarn_dir / "loss.png").unlink(missing_ok=True)
+    extra = yarn_dir.parent / "extra.png"
+    extra.write_bytes(PNG)
     with pytest.raises(ValueError, match=message):
         load_results([data])
+    with pytest.raises(ValueError, match=message):
+        write_card(yarn_dir, results=[data], plots=[extra])
+    assert not (yarn_dir / "README.md").exists() and not (yarn_dir / "plots").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(training={"kind": "training_summary", "stepz": 3}), ValueError,
+         r"training: .*unknown fields \['stepz'\]"),
+        (dict(training=3), ValueError, "training must be a TrainingSummary, a path to training_summary.json"),
+        (dict(training="nowhere/"), FileNotFoundError, "training: .*not found"),
+        (dict(results="ppl.json"), ValueError, "results must be a list"),
+        (dict(repo_id="not a repo"), ValueError, "repo_id must be a Hub id"),
+        (dict(base_model="no such thing!"), ValueError, "base_model 'no such thing!' is neither a Hub id"),
+        (dict(template="chatbot"), ValueError, "template: unknown template 'chatbot'; use one of causal_lm, encoder"),
+        (dict(results=[{"kind": "rows", "rows": []}], training=_summary(),
+              plots=["does-not-exist.png"]), FileNotFoundError, "plots: "),
+    ],
+)
+def test_bad_arguments_name_the_parameter_and_write_nothing(yarn_dir, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        write_card(yarn_dir, **kwargs)
+    assert not (yarn_dir / "README.md").exists() and not (yarn_dir / "plots").exists()
+
+
+def test_unknown_template_placeholder_is_refused_before_plots_are_copied(yarn_dir, tmp_path):
+    template = tmp_path / "mine.md"
+    template.write_text("${marker}\n# ${title}\n${evaluaton}\n")
+    plot = tmp_path / "p.png"
+    plot.write_bytes(PNG)
+    with pytest.raises(ValueError, match=r"placeholder\(s\) \$evaluaton not known; available: \$marker"):
+        write_card(yarn_dir, template=template, plots=[plot])
+    assert not (yarn_dir / "plots").exists()
+    template.write_text("${marker}\n# ${title}\nfrom_pretrained(\"${model_id}\")\n")
+    text = write_card(yarn_dir, template=template, plots=[plot]).read_text()
+    assert _body(text).strip().endswith('# tiny-yarn\nfrom_pretrained("tiny-yarn")')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# base_model recorded at patch time; the repo id in the loading code
+
+
+def test_base_model_is_recorded_at_patch_time_and_used_by_the_card(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_rope_ext import patch_info, patch_model
+
+    def tiny(name_or_path: str) -> LlamaForCausalLM:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=ORIGINAL))
+        model.config._name_or_path = name_or_path
+        return model
+
+    model = patch_model(tiny("someorg/tiny-base"), "linear", 4)
+    assert patch_info(model)["base_model"] == "someorg/tiny-base"
+    model.config._name_or_path = str(tmp_path / "reloaded")  # as after save + reload from a folder
+    patch_model(model, "yarn", 2, repatch=True)
+    assert patch_info(model)["base_model"] == "someorg/tiny-base"  # kept on repatch
+    model.save_pretrained(tmp_path / "out")
+    assert ModelCard(render_card(tmp_path / "out")).data.base_model == "someorg/tiny-base"
+    assert ModelCard(render_card(tmp_path / "out", base_model="other/base")).data.base_model == "other/base"
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "model").mkdir(parents=True)
+    for name in ("local/model", "", "gpt2", "../x/y"):  # a folder here, nothing, a bare name, a path: not a Hub id
+        assert patch_info(patch_model(tiny(name), "linear", 4))["base_model"] is None, name
+
+
+def test_retarget_card_points_the_loading_code_at_the_repo_id(yarn_dir, results):
+    from huggingface_hub import ModelCard
+
+    text = render_card(yarn_dir, results=[results["perplexity"]])
+    wanted = render_card(yarn_dir, results=[results["perplexity"]], repo_id="tester/long-yarn")
+    new, old = retarget_card(text, "tester/long-yarn")
+    assert old == "tiny-yarn"
+    assert new == wanted  # the same card as one rendered for the repo id
+    assert 'from_pretrained("tester/long-yarn"' in new and '"tiny-yarn"' not in new
+    assert ModelCard(new).data.model_name == "long-yarn" and "\n# long-yarn\n" in new
+    assert retarget_card(new, "tester/long-yarn") == (new, None)  # already there: unchanged
+
+    # a card written before the model id comment existed: the folder name is what it named
+    legacy = "\n".join(line for line in text.splitlines() if "hf-rope-ext model id" not in line) + "\n"
+    new, old = retarget_card(legacy, "tester/long-yarn", "tiny-yarn")
+    assert old == "tiny-yarn" and new == wanted
+    with pytest.raises(ValueError, match="not written by hf-rope-ext"):
+        retarget_card("---\nlicense: mit\n---\n# mine\n", "tester/x")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def test_cli_card(yarn_dir, results, saved, tmp_path, capsys):
@@ -355,3 +532,7 @@ def test_cli_card(yarn_dir, results, saved, tmp_path, capsys):
     assert "has no 'hf_rope_ext' entry" in capsys.readouterr().err
     assert main(["card", str(yarn_dir), "--template", "chatbot"]) == 2
     assert "causal_lm, encoder" in capsys.readouterr().err
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"task": "perplexity", "results": [{"length": 64, "perplexity": 3.0}]}))
+    assert main(["card", str(yarn_dir), "--results", str(old)]) == 2
+    assert f"one of {_ACCEPTED}" in capsys.readouterr().err

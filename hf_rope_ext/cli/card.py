@@ -7,8 +7,9 @@ import argparse
 from ._common import subcommand
 
 EXAMPLE = """example:
-  hf-rope-ext card out/smollm2-yarn-16k --results ppl.json passkey.json --base-model HuggingFaceTB/SmolLM2-135M-Instruct \\
-      --repo-id me/smollm2-yarn-16k"""
+  hf-rope-ext card out/smollm2-yarn-16k --results ppl.json passkey.json \\
+      --base-model HuggingFaceTB/SmolLM2-135M-Instruct --repo-id me/smollm2-yarn-16k
+  (results: reports from `hf-rope-ext eval ... --out`, or {"kind": "rows", "rows": [...]}; see docs/cards.md)"""
 
 
 def _card_args(p: argparse.ArgumentParser) -> None:
@@ -16,11 +17,15 @@ def _card_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("folder", help="folder saved from a patched model (config.json carries 'hf_rope_ext')")
     p.add_argument("--results", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="evaluation / training JSON files (shapes: docs/cards.md); repeatable")
-    p.add_argument("--training", metavar="FILE", help="training summary JSON (same as listing it in --results)")
+                   help="JSON reports of kind perplexity, retrieval, compare, training_summary or rows "
+                        "(docs/cards.md); repeatable")
+    p.add_argument("--training", metavar="PATH",
+                   help="training_summary.json or the folder holding it (default: FOLDER/training_summary.json if "
+                        "present)")
     p.add_argument("--plots", nargs="+", action="extend", default=[], metavar="IMAGE",
                    help="extra plot images to copy into the folder and show in the card")
-    p.add_argument("--base-model", help="Hub id (or local folder) of the model that was extended")
+    p.add_argument("--base-model", help="Hub id (or local folder) of the model that was extended (default: the one "
+                                        "recorded when the model was patched)")
     p.add_argument("--base-card", help="the base model's README.md, to carry its license and language over")
     p.add_argument("--license", help="Hub license id (default: the base model card's)")
     p.add_argument("--language", nargs="+", help="language code(s) (default: the base model card's)")
