@@ -4,7 +4,10 @@ Before anything is sent, :func:`plan_push` checks the folder: model weights, a c
 ``hf_rope_ext`` entry, a tokenizer, and a model card (README.md with valid metadata, rendered for this config).
 Training checkpoints and optimizer states are left out unless asked for. :func:`push_folder` then checks the token
 (``whoami``) before creating anything, creates the repo (and branch) only when needed, uploads exactly the planned
-files with ``HfApi.upload_folder``, and deletes a repo or branch it created itself if the upload fails.
+files with ``HfApi.upload_folder``, and deletes a repo or branch it created itself if the upload fails. A card
+written by ``hf-rope-ext card`` whose loading code names another model id (the folder name, say) is updated in place
+to name the repo id before the upload (``PushResult.card_retargeted_from`` says so); a card you wrote yourself is
+never changed.
 
     from hf_rope_ext.hub import plan_push, push_folder
     print(plan_push("out/smollm2-yarn-16k").describe())         # what would be sent (a dry run)
@@ -19,15 +22,14 @@ import glob
 import importlib
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from .patching import META_KEY
 
-META_KEY = "hf_rope_ext"
+logger = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -64,6 +66,8 @@ class PushPlan:
     """Reasons to refuse; empty when the folder can be pushed."""
     warnings: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    card_model_id: str | None = None
+    """The model id the loading code of an hf-rope-ext card names (None: no card, or not written by hf-rope-ext)."""
 
     @property
     def ok(self) -> bool:
@@ -85,6 +89,10 @@ class PushPlan:
             width = max(len(p) for p, _ in self.excluded)
             lines += [f"  {path:<{width}}  {reason}" for path, reason in self.excluded]
         lines += [f"warning: {w}" for w in self.warnings]
+        if repo_id and self.card_model_id and self.card_model_id != repo_id and self.ok:
+            target = repo_id if "/" in repo_id else f"<your user>/{repo_id}"
+            lines.append(f"note: README.md's loading code names {self.card_model_id!r}; push updates it in place to "
+                         f"name {target!r} before uploading")
         lines += [f"refused: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -97,6 +105,8 @@ class PushResult:
     commit_url: str
     files: list[str]
     created_repo: bool
+    card_retargeted_from: str | None = None
+    """The model id README.md named before this push updated it in place to name ``repo_id`` (None: unchanged)."""
 
 
 def _fmt_size(n: int) -> str:
@@ -220,8 +230,10 @@ def _check_card(folder: Path, top: set[str], plan: PushPlan) -> None:
     marker = cards.read_marker(text)
     if marker is None:
         plan.warnings.append("README.md was not written by `hf-rope-ext card`; make sure it states the method, "
-                             "its parameters and the lengths")
-    elif plan.meta and marker != cards.fingerprint(plan.meta):
+                             "its parameters and the lengths, and that its loading code names the repo id")
+        return
+    plan.card_model_id = cards.read_model_id(text) or folder.resolve().name
+    if plan.meta and marker != cards.fingerprint(plan.meta):
         plan.problems.append(
             f"README.md was rendered for a different extension ({marker.split(' parameters=')[0]}) than config.json "
             f"({cards.fingerprint(plan.meta).split(' parameters=')[0]}); re-run `hf-rope-ext card {folder}`"
@@ -342,6 +354,7 @@ def push_folder(
         f"({meta.get('original_max_position_embeddings')} -> {meta.get('max_position_embeddings')} tokens)"
         if isinstance(meta.get("factor"), (int, float)) else "Upload extended model"
     )
+    retargeted = _retarget_card(plan, repo_id)
     created_repo = created_branch = False
     try:
         exists = api.repo_exists(repo_id, token=token)
@@ -372,7 +385,22 @@ def push_folder(
             raise PushError(_explain(err, endpoint, f"pushing to {repo_id}") + cleanup) from err
         raise
     url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision and revision != "main" else "")
-    return PushResult(repo_id, url, getattr(info, "commit_url", str(info)), files, created_repo)
+    return PushResult(repo_id, url, getattr(info, "commit_url", str(info)), files, created_repo, retargeted)
+
+
+def _retarget_card(plan: PushPlan, repo_id: str) -> str | None:
+    """Make the loading code of an hf-rope-ext card name ``repo_id`` (README.md updated in place, so the folder and
+    the Hub hold the same card); returns the model id it named before, or None when nothing changed."""
+    from . import cards
+
+    if plan.card_model_id is None or plan.card_model_id == repo_id:
+        return None
+    path = plan.folder / cards.CARD_FILE
+    text, old = cards.retarget_card(path.read_text(encoding="utf-8"), repo_id, plan.folder.resolve().name)
+    if old is not None:
+        path.write_text(text, encoding="utf-8")
+        logger.info("%s: the loading code named %r; updated in place to name %r", path, old, repo_id)
+    return old
 
 
 def _undo(api: Any, repo_id: str, revision: str | None, created_repo: bool, created_branch: bool, token: str) -> str:

@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory) -> Path:
     folder = save_patched_llama(root / "tiny-yarn", "yarn")
     (root / "ppl.png").write_bytes(PNG)
     (root / "perplexity.json").write_text(json.dumps(
-        {"task": "perplexity", "plots": ["ppl.png"], "results": [{"length": 256, "perplexity": 9.87}]}))
+        {"kind": "rows", "plots": ["ppl.png"], "rows": [{"task": "perplexity", "length": 256, "value": 9.87}]}))
     write_card(folder, results=[root / "perplexity.json"], repo_id="tester/tiny-yarn")  # copies plots/ppl.png
     (folder / "eval").mkdir()
     shutil.copy(root / "perplexity.json", folder / "eval" / "perplexity.json")
@@ -115,6 +115,50 @@ def test_include_checkpoints_sends_them_when_asked(folder, tmp_path):
         assert proc.returncode == 0, proc.stderr
         files = set(hub.repos["tester/tiny-yarn"].commits[0].files)  # a bare name goes to the token's user
     assert files == MODEL_FILES | (TRAINING_LEFTOVERS - {".DS_Store"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the card names the repo it is pushed to
+
+
+def test_push_points_the_cards_loading_code_at_the_repo_id(folder, tmp_path, capsys):
+    """A card rendered without --repo-id names the folder; push updates it in place to name the repo, says so, and
+    uploads that text (the folder and the Hub hold the same card)."""
+    write_card(folder)  # loading code: from_pretrained("tiny-yarn")
+    before = (folder / "README.md").read_text()
+    assert 'from_pretrained("tiny-yarn"' in before and "tester/long-yarn" not in before
+
+    assert main(["push", str(folder), "tester/long-yarn", "--dry-run"]) == 0
+    assert ("note: README.md's loading code names 'tiny-yarn'; push updates it in place to name 'tester/long-yarn'"
+            in capsys.readouterr().out)
+    assert (folder / "README.md").read_text() == before  # a dry run changes nothing
+
+    with FakeHub() as hub:
+        proc = run_push(str(folder), "long-yarn", endpoint=hub.url, token=hub.token, home=tmp_path / "h")
+        assert proc.returncode == 0, proc.stderr
+        assert "named 'tiny-yarn' in its loading code; updated it in place to name 'tester/long-yarn'" in proc.stdout
+        uploaded = hub.repos["tester/long-yarn"].commits[0].files["README.md"].decode()
+    assert uploaded == (folder / "README.md").read_text()
+    code = uploaded.split("```python")[1]
+    assert code.count('from_pretrained("tester/long-yarn"') == 2 and '"tiny-yarn"' not in uploaded
+    assert "\n# long-yarn\n" in uploaded  # the title too
+    assert uploaded.replace("tester/long-yarn", "tiny-yarn").replace("# long-yarn", "# tiny-yarn") == before
+
+    with FakeHub() as hub:  # pushed again to the same repo: nothing to change, no note
+        proc = run_push(str(folder), "tester/long-yarn", endpoint=hub.url, token=hub.token, home=tmp_path / "h")
+        assert proc.returncode == 0 and "note:" not in proc.stdout
+        assert hub.repos["tester/long-yarn"].commits[0].files["README.md"].decode() == uploaded
+
+
+def test_push_never_changes_a_card_you_wrote(folder, tmp_path):
+    mine = "---\nlicense: mit\ntags:\n- mine\n---\n# My model\n\nLoad it with from_pretrained(\"tiny-yarn\").\n"
+    (folder / "README.md").write_text(mine)
+    with FakeHub() as hub:
+        proc = run_push(str(folder), "tester/long-yarn", endpoint=hub.url, token=hub.token, home=tmp_path / "h")
+        assert proc.returncode == 0, proc.stderr
+        assert "not written by `hf-rope-ext card`" in proc.stderr and "names the repo id" in proc.stderr
+        assert hub.repos["tester/long-yarn"].commits[0].files["README.md"].decode() == mine
+    assert (folder / "README.md").read_text() == mine
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ._common import subcommand
@@ -29,7 +28,6 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("push", "upload a saved extended model (with its card) to the Hugging Face Hub", _push_args, EXAMPLE)
 def _push(args: argparse.Namespace) -> int:
-    from .. import cards
     from ..hub import plan_push, push_folder
 
     if args.dry_run:
@@ -44,10 +42,9 @@ def _push(args: argparse.Namespace) -> int:
         args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
         include_checkpoints=args.include_checkpoints, exclude=args.exclude,
     )
-    card = Path(args.folder, "README.md").read_text(encoding="utf-8")
-    if cards.read_marker(card) and result.repo_id not in card:
-        print(f"note: the card's loading code does not name {result.repo_id}; re-run "
-              f"`hf-rope-ext card {args.folder} --repo-id {result.repo_id}` and push again", file=sys.stderr)
+    if result.card_retargeted_from is not None:
+        print(f"note: {Path(args.folder, 'README.md')} named {result.card_retargeted_from!r} in its loading code; "
+              f"updated it in place to name {result.repo_id!r} (the uploaded card names the repo)")
     print(f"pushed {len(result.files)} files to {result.url}")
     print(f"commit: {result.commit_url}")
     return 0
