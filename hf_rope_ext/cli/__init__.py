@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-rope-ext",
         description="Extend the context window of HF transformer models.",
-        epilog="example:\n  hf-rope-ext patch smollm2 --method yarn --factor 2 --out out/smollm2-yarn-16k\n"
-        "run `hf-rope-ext COMMAND --help` for a command's options and examples",
+        epilog="run `hf-rope-ext COMMAND --help` for a command's options and examples\n\n"
+        "example:\n  hf-rope-ext patch smollm2 --method yarn --factor 2 --out out/smollm2-yarn-16k",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

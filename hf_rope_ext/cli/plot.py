@@ -9,28 +9,37 @@ from typing import Any
 
 from ._common import add_patch_arguments, patch_kwargs, sub_parser, subcommand
 
-EXAMPLE = """examples:
-  hf-rope-ext plot ppl ppl_yarn.json ppl_ntk.json --out ppl.png
-  hf-rope-ext plot wavelengths out/smollm2-yarn-16k --methods linear,ntk,yarn --factor 2 --out wavelengths.png
-  hf-rope-ext plot similarity gpt2 --method interpolate --factor 2 --out similarity.png"""
+EXAMPLES = {
+    "ppl": "hf-rope-ext plot ppl ppl_yarn.json ppl_ntk.json --out ppl.png",
+    "positions": "hf-rope-ext plot positions ppl_yarn.json --length 16384 --out positions.png",
+    "heatmap": "hf-rope-ext plot heatmap passkey.json --out passkey.png",
+    "wavelengths": "hf-rope-ext plot wavelengths out/smollm2-yarn-16k --methods linear,ntk,yarn --factor 2 "
+                   "--out wavelengths.png",
+    "similarity": "hf-rope-ext plot similarity gpt2 --method interpolate --factor 2 --out similarity.png",
+}
+EXAMPLE = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES.values())
+
+
+def _example(name: str) -> str:
+    return f"example:\n  {EXAMPLES[name]}"
 
 def _plot_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="plot_command", required=True, metavar="{ppl,positions,heatmap,wavelengths,similarity}")
-    q = sub_parser(sub, "ppl", "perplexity vs length from eval ppl / compare JSON files", EXAMPLE)
+    q = sub_parser(sub, "ppl", "perplexity vs length from eval ppl / compare JSON files", _example("ppl"))
     q.add_argument("results", nargs="+", help="JSON files written by `eval ppl --out` or `compare`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--original-length", type=int, help="mark this length (default: from the results)")
     q.set_defaults(_plot_run=_plot_ppl)
-    q = sub_parser(sub, "positions", "loss by position bucket from eval ppl / compare JSON files", EXAMPLE)
+    q = sub_parser(sub, "positions", "loss by position bucket from eval ppl / compare JSON files", _example("positions"))
     q.add_argument("results", nargs="+", help="JSON files written by `eval ppl --out` or `compare`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--length", type=int, help="which window length (default: the longest)")
     q.set_defaults(_plot_run=_plot_positions)
-    q = sub_parser(sub, "heatmap", "accuracy heatmap from eval passkey / needle JSON", EXAMPLE)
+    q = sub_parser(sub, "heatmap", "accuracy heatmap from eval passkey / needle JSON", _example("heatmap"))
     q.add_argument("results", help="JSON file written by `eval passkey --out` or `eval needle --out`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.set_defaults(_plot_run=_plot_heatmap)
-    q = sub_parser(sub, "wavelengths", "RoPE per-dimension wavelengths and scales for each method", EXAMPLE)
+    q = sub_parser(sub, "wavelengths", "RoPE per-dimension wavelengths and scales for each method", _example("wavelengths"))
     q.add_argument("model", nargs="?", help="read head dim, base and trained length from this model (or give them)")
     q.add_argument("--methods", default="extrapolate,linear,ntk,yarn", help="comma-separated rotary methods")
     q.add_argument("--factor", type=float, required=True, help="extension factor s")
@@ -40,7 +49,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--json", dest="json_out", help="also write the numbers as JSON here")
     q.set_defaults(_plot_run=_plot_wavelengths)
-    q = sub_parser(sub, "similarity", "cosine similarity of learned position vectors, before / after extension", EXAMPLE)
+    q = sub_parser(sub, "similarity", "cosine similarity of learned position vectors, before / after extension", _example("similarity"))
     q.add_argument("model", help="a model with a learned position table (GPT-2, BERT, OPT, ...)")
     add_patch_arguments(q)
     q.add_argument("--max-points", type=int, default=512, help="subsample long tables to this many rows")
