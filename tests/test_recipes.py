@@ -1,4 +1,5 @@
-"""The fine-tune recipe (hf_rope_ext.recipes.finetune; recipes/finetune.py runs it from a clone) on tiny models (CPU): training works, saved models reload, resume is exact, bad configs fail.
+"""The fine-tune recipe (hf_rope_ext.recipes.finetune; recipes/finetune.py runs it from a clone) on tiny models (CPU):
+training works, saved models reload, resume is exact, bad configs fail.
 
 The "perplexity goes down" test needs a model that depends on positions: a 2-layer Llama is pretrained for ~140 steps
 at 64 tokens on periodic text (a random 16-letter unit repeated), which it can only predict by attending 16 tokens
@@ -489,6 +490,69 @@ def test_s2attn_on_an_unsupported_family_fails_early(ft, texts, tmp_path):
 def test_cli_reports_bad_configs_without_a_traceback(ft, tmp_path, caplog):
     assert ft.main(["--model", "m", "--output_dir", str(tmp_path), "--factor", "4", "--batch_sz", "2"]) == 2
     assert "unknown option" in caplog.text and "batch_size" in caplog.text
+
+
+def test_command_line_shipped_configs_param_and_help(ft, tmp_path, capsys):
+    shipped = ROOT / "hf_rope_ext" / "recipes" / "configs" / "smollm2_pose_yarn_smoke.yaml"
+    by_name = ft.parse_options(["--config", "smollm2_pose_yarn_smoke", "--max_steps", "7"])
+    by_file = yaml.safe_load(shipped.read_text())
+    assert by_name.model == by_file["model"] and by_name.factor == by_file["factor"] and by_name.max_steps == 7
+    with pytest.raises(FileNotFoundError, match="smollm2_pose_yarn_smoke"):  # the error lists the shipped names
+        ft.parse_options(["--config", "smollm2_pose_yarn_smok"])
+
+    # --param KEY=VALUE: JSON when it parses, else the string; merged over method_params from the YAML
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\noutput_dir: o\nfactor: 4\nmethod_params: {beta_fast: 16, beta_slow: 1}\n")
+    params = ["--param", "beta_fast=32", "--param", "mscale=1e0", "--param", "x=a"]
+    o = ft.parse_options(["--config", str(config), *params])
+    assert o.method_params == {"beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "x": "a"}
+    with pytest.raises(ValueError, match="--param expects key=value, got 'beta_fast'"):
+        ft.parse_options(["--config", str(config), "--param", "beta_fast"])
+    # list options take several values; a flag alone means true; unknown YAML keys are named with the valid ones
+    o = ft.parse_options(["--config", str(config), "--data", "a.txt", "b.txt", "--pose", "--lora_targets", "q_proj"])
+    assert o.data == ["a.txt", "b.txt"] and o.pose is True and o.lora_targets == "q_proj"
+    config.write_text("model: m\nlora_rank: 4\n")
+    with pytest.raises(ValueError, match=r"'lora_rank' \(did you mean 'lora_r'\?\); valid options: .*lora_alpha"):
+        ft.parse_options(["--config", str(config)])
+
+    # --help: every option with its help text, then the examples; exit status 0 and nothing run
+    assert ft.main(["--help"], prog="hf-rope-ext finetune") == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: hf-rope-ext finetune")
+    for f in dataclasses.fields(ft.Options):
+        flag = "--param" if f.name == "method_params" else f"--{f.name}"
+        assert flag in text, flag
+        assert " ".join(f.metadata["help"].split()[:3]) in " ".join(text.split()), f.name
+    assert text.rstrip().splitlines()[-1].strip() and "examples:" in text.split("--model_card")[-1]
+
+
+def test_resume_refuses_exactly_the_options_that_change_the_model_or_the_data(ft):
+    saved = ft.Options(model="m", factor=4, output_dir="o")
+    state = {k: getattr(saved, k) for k in ft.RESUME_KEYS}
+    # may change between a run and its resumption: schedule length, logging, checkpoints, evaluation, lr
+    free = dict(max_steps=800, log_every=1, save_every=5, keep_checkpoints=0, eval_chunks=0, lr=1e-5, stop_after=3,
+                lora_dropout=0.1, mixed_precision="bf16", output_dir="elsewhere", cache_dir="/tmp/c", resume=True)
+    assert ft.resume_mismatch(state, dataclasses.replace(saved, **free)) == []
+    # must not: the model, its extension, what is trained, the data and its order
+    fixed = dict(model="other", dtype="bfloat16", method="linear", factor=8, method_params={"beta_fast": 2},
+                 train_mode="full", lora_r=4, lora_targets="all-linear", modules_to_save=["norm"], pose=True,
+                 s2attn=True, data=["x.txt"], text_field="body", seq_len=32, max_tokens=10, batch_size=2,
+                 grad_accum=1, seed=1)
+    for key, value in fixed.items():
+        changed = ft.resume_mismatch(state, dataclasses.replace(saved, **{key: value}))
+        assert len(changed) == 1 and changed[0].startswith(f"{key} "), (key, changed)
+
+
+def test_loss_plot_leaves_the_global_matplotlib_backend_alone(ft, tmp_path, monkeypatch):
+    import matplotlib
+
+    def no_switch(*args, **kwargs):
+        raise AssertionError("matplotlib.use() called: the global backend was switched")
+
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # pyplot (global figure state) is not needed either
+    ft.plot_loss([[1, 3.0], [2, 2.5], [3, 2.0]], tmp_path / "loss.png", "title")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ import torch
 from hf_rope_ext.training import data, pose, s2attn
 from hf_rope_ext.training.heldout import heldout_perplexity
 
-from .test_recipes import make_tokenizer, pretrained_llama  # noqa: F401  (pretrained_llama is a fixture)
+from . import test_recipes
+from .test_recipes import make_tokenizer
+
+pretrained_llama = test_recipes.pretrained_llama  # the pretrained tiny Llama fixture, shared with the recipe tests
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,6 +167,31 @@ def test_data_sources_cache_and_packing(tmp_path, monkeypatch):
     assert chunks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     wrapped = data.pack(torch.arange(10), 4, wrap=(100, 101))
     assert wrapped[:2].tolist() == [[100, 0, 1, 101], [100, 2, 3, 101]]
+
+
+def test_builtin_corpora_mean_the_same_text_for_training_and_evaluation(tmp_path):
+    import pydoc_data.topics
+    import sysconfig
+
+    from hf_rope_ext.eval.text import load_text
+
+    tokenizer = make_tokenizer()
+    expected: list[int] = []
+    for doc in list(pydoc_data.topics.topics.values())[:3]:  # the topics in their stored order, EOS after each
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for name in ("builtin:pydoc", "builtin"):  # "builtin" is pydoc for evaluation, so for training too
+        got = data.load_token_stream([name], tokenizer, cache_dir=tmp_path / "cache", max_tokens=len(expected))
+        assert got.tolist() == expected, name
+    assert load_text("builtin").text.startswith(pydoc_data.topics.topics["assert"][:200])
+
+    # stdlib: every module file, subpackages included, tests excluded -- for both readers
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = list(data.iter_documents(data.resolve_sources(["builtin:stdlib"])))
+    assert (root / "json" / "decoder.py").read_text(encoding="utf-8") in docs
+    assert (root / "json" / "__init__.py").read_text(encoding="utf-8") in docs
+    support = root / "test" / "support" / "__init__.py"  # the test suite is left out (when the install has one)
+    assert not support.is_file() or support.read_text(encoding="utf-8") not in docs
+    assert "\n\n".join(d for d in docs if d) == load_text("builtin:stdlib").text
 
 
 def test_micro_batches_are_disjoint_across_processes_and_cover_each_epoch():

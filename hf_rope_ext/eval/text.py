@@ -78,7 +78,8 @@ def load_documents(
                 f"could not load dataset {name!r} (split {split!r}): not in the local cache, or offline. "
                 f"Original error: {err}"
             ) from err
-        return dataset_documents(ds, field, source), source, f"datasets: {name} {config} split {split}".replace("  ", " ")
+        description = f"datasets: {name} {config} split {split}".replace("  ", " ")
+        return dataset_documents(ds, field, source), source, description
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -91,7 +92,9 @@ def load_documents(
         try:
             import datasets
         except ModuleNotFoundError as err:
-            raise ValueError("reading a saved dataset folder needs the datasets package: pip install datasets") from err
+            raise ValueError(
+                "reading a saved dataset folder needs the datasets package: pip install datasets"
+            ) from err
         ds = datasets.load_from_disk(str(path))
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
             if split not in ds:

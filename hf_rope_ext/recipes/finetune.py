@@ -110,7 +110,7 @@ class Options:
     )
     method_params: dict[str, Any] = opt(
         {},
-        "The method's own parameters, e.g. {beta_fast: 32} for yarn (YAML); on the command line: --param KEY=VALUE.",
+        "The method's own parameters, e.g. {beta_fast: 32} for yarn.",
         resume=True,
     )
 
@@ -138,13 +138,17 @@ class Options:
         resume=True,
     )
     objective: Literal["auto", "causal", "masked"] = opt(
-        "auto", "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.", resume=True
+        "auto",
+        "Training loss: next-token (causal) or BERT-style masked LM; auto follows the model's head.",
+        resume=True,
     )
     mlm_probability: float = opt(0.15, "Fraction of tokens masked for the masked objective.")
 
     # --- PoSE / S²-Attn
     pose: bool = opt(
-        False, "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.", resume=True
+        False,
+        "PoSE: train on short windows (seq_len) whose position ids skip to cover the target length.",
+        resume=True,
     )
     pose_chunks: int = opt(2, "PoSE: number of chunks each window is cut into.", resume=True)
     s2attn: bool = opt(
@@ -213,6 +217,7 @@ class Options:
     model_card: bool = opt(True, "Write README.md with hf_rope_ext.cards.")
 
 
+METHOD_PARAMS_HELP = next(f.metadata["help"] for f in dataclasses.fields(Options) if f.name == "method_params")
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Options) if f.metadata["resume"])
 """Options a resumed run must keep (derived from the fields' ``resume`` metadata)."""
 
@@ -356,8 +361,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="One of the method's own parameters, merged over method_params (repeatable; the value is JSON when it "
-        "parses, else a string: the rule of `hf-rope-ext --param`).",
+        help=f"method_params (the YAML key): {METHOD_PARAMS_HELP} On the command line --param sets one, merged over "
+        "the YAML's (repeatable; the value is JSON when it parses, else a string, as for `hf-rope-ext --param`).",
     )
     hints = typing.get_type_hints(Options)
     group: Any = parser
@@ -424,9 +429,8 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
     if o.factor is not None and o.factor <= 1:
         raise ValueError(f"factor must be > 1, got {o.factor}: the target length must exceed the original length")
     spec = registry.get_method(o.method)  # unknown method -> lists the known ones
-    valid = [
-        f.name for f in dataclasses.fields(spec.params_cls) if f.name not in ("factor", "original_max_position_embeddings")
-    ]
+    fixed = ("factor", "original_max_position_embeddings")  # set by the recipe's own options
+    valid = [f.name for f in dataclasses.fields(spec.params_cls) if f.name not in fixed]
     unknown = sorted(set(o.method_params) - set(valid))
     if unknown:
         raise ValueError(
@@ -1091,9 +1095,8 @@ def train(s: Setup) -> RunResult | None:
                 requested = float(accelerator.reduce(flag, reduction="sum")) > 0
             if requested or (step == stop_at and step < o.max_steps):
                 path = save_checkpoint(accelerator, checkpoints, state, o.keep_checkpoints)
-                logger.warning(
-                    "stopped at step %d (%s); continue with --resume true", step, stop.reason or f"stop_after={o.stop_after}"
-                )
+                why = stop.reason or f"stop_after={o.stop_after}"
+                logger.warning("stopped at step %d (%s); continue with --resume true", step, why)
                 bar.close()
                 return RunResult(stopped=True, step=step, checkpoint=path)
             if o.save_every and step % o.save_every == 0 and step < o.max_steps:
@@ -1131,7 +1134,7 @@ def summarize(s: Setup, model: Any, eval_after: dict[str, Any] | None) -> Traini
         recipe=f"hf-rope-ext finetune ({o.train_mode}{', ' + extras if extras else ''})",
         train_mode=o.train_mode,
         data=list(o.data),
-        eval_data=list(o.eval_data) or "tail of the training data",
+        eval_data=(list(o.eval_data) or "tail of the training data") if s.eval_chunks is not None else None,
         steps=state.step,
         tokens=state.tokens,
         seq_len=plan.seq_len,
@@ -1160,8 +1163,9 @@ def summarize(s: Setup, model: Any, eval_after: dict[str, Any] | None) -> Traini
     )
 
 
-def write_model_card(folder: Path, summary: TrainingSummary, base_model: str | None, repo_id: str) -> None:
-    """README.md through ``hf_rope_ext.cards``; a failure is a warning (the model is saved either way)."""
+def write_model_card(folder: Path, summary: TrainingSummary, base_model: str | None, repo_id: str | None) -> None:
+    """README.md through ``hf_rope_ext.cards``; a failure is a warning (the model is saved either way).
+    ``repo_id`` is a Hub id (owner/name) when known; a local run has none (``hf-rope-ext push`` rewrites the card)."""
     try:
         from hf_rope_ext import cards
 
@@ -1172,7 +1176,8 @@ def write_model_card(folder: Path, summary: TrainingSummary, base_model: str | N
 
 def save(s: Setup) -> RunResult:
     """Held-out perplexity after training, then on the main process: merge LoRA, restore inference settings, save
-    model + tokenizer + TrainingSummary + loss plot + card into a temporary folder, moved into place at the end."""
+    model + tokenizer + TrainingSummary + loss plot into a temporary folder, moved into place at the end; then the
+    model card."""
     from accelerate.utils import DistributedType
 
     o, plan, accelerator, state = s.o, s.plan, s.accelerator, s.state
@@ -1226,9 +1231,9 @@ def save(s: Setup) -> RunResult:
                 plot_loss(state.loss_curve, tmp / "loss.png", title)
                 summary.plots = [{"path": "loss.png", "title": "Training loss"}]  # relative to the model folder
             summary.save(tmp)
-            if o.model_card:
-                local = Path(o.model).expanduser().exists() or o.model in ("smollm2", "minilm")
-                write_model_card(tmp, summary, base_model=None if local else o.model, repo_id=str(final))
+        if o.model_card:  # in the final folder: the card names the model by its folder (a failure is only a warning)
+            local = Path(o.model).expanduser().exists() or o.model in ("smollm2", "minilm")
+            write_model_card(final, summary, base_model=None if local else o.model, repo_id=None)
         logger.info("saved %s (%d steps, %.0f tokens/s)", final, state.step, summary.tokens_per_s or 0)
     accelerator.wait_for_everyone()
     return RunResult(stopped=False, step=state.step, summary=summary, model=model)

@@ -53,7 +53,9 @@ class TrainingSummary:
     tokens_per_s: float | None = _f("training tokens per wall-clock second")
     peak_memory_bytes: int | None = _f("peak memory of the main process")
     peak_rss_bytes: int | None = _f("peak resident memory of the main process")
-    peak_memory_kind: str | None = _f("how peak memory was measured (cuda_max_allocated, or cpu_peak_rss: the process's peak resident set)")
+    peak_memory_kind: str | None = _f(
+        "how peak memory was measured (cuda_max_allocated, or cpu_peak_rss: the process's peak resident set)"
+    )
     loss_first: float | None = _f("mean training loss over the first logged steps")
     final_loss: float | None = _f("mean training loss over the last logged steps")
     loss_curve: list[list[float]] = _f("[step, loss] pairs as logged", default_factory=list)
