@@ -11,7 +11,7 @@ Four configurations on the same model, method (``--method`` x ``--factor``), seq
 optimizer steps, full fine-tuning with AdamW (same lr, clipping at 1.0), each in its own subprocess so that peak
 memory is that configuration's own:
 
-* ``recipe``      — ``recipes/finetune.py``'s ``run()`` (accelerate, data packing, checkpoint-free run, final save);
+* ``recipe``      — ``hf_rope_ext.recipes.finetune.run()`` (accelerate, data packing, checkpoint-free run, final save);
 * ``plain``       — ``load_model`` + ``patch_model``, then a bare ``for`` loop: forward with labels, backward, clip, step;
 * ``recipe+gc`` / ``plain+gc`` — the same with gradient checkpointing (``gradient_checkpointing_enable``, non-reentrant).
 
@@ -74,12 +74,8 @@ def peak_memory(device: str) -> tuple[int, str]:
 
 
 def worker_recipe(args, gc: bool, workdir: Path) -> dict:
-    import importlib.util
+    from hf_rope_ext.recipes import finetune as recipe
 
-    spec = importlib.util.spec_from_file_location("recipe_finetune", ROOT / "recipes" / "finetune.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_finetune"] = recipe
-    spec.loader.exec_module(recipe)
     values = {
         "model": args.model, "method": args.method, "factor": args.factor, "train_mode": "full",
         "seq_len": args.seq_len, "data": ["builtin:pydoc"], "eval_chunks": 0, "eval_before_after": False,
@@ -91,10 +87,10 @@ def worker_recipe(args, gc: bool, workdir: Path) -> dict:
     if args.device.startswith("cuda"):
         values["mixed_precision"] = "no"
     res = recipe.run(recipe.options_from_dict(values))
-    s = res.summary
-    return {"tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "steps": s["steps"],
-            "tokens": s["tokens"], "peak_memory_bytes": s["peak_memory_bytes"],
-            "peak_memory_kind": s.get("peak_memory_kind"), "loss_last": s.get("loss_last")}
+    s = res.summary  # a TrainingSummary
+    return {"tokens_per_s": s.tokens_per_s, "wall_time_s": s.wall_time_s, "steps": s.steps, "tokens": s.tokens,
+            "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_kind": s.peak_memory_kind,
+            "loss_last": s.final_loss}
 
 
 def worker_plain(args, gc: bool) -> dict:

@@ -14,7 +14,7 @@ Parts (each resumable: results are written to ``--out`` after every measurement 
   windows over the same first ``--eval-tokens`` tokens of the held-out text (``sliding_window_perplexity``), so every
   column scores the same tokens. ``longrope`` is given yarn's per-dimension divisors as long factors (see
   bench_zero_shot.py): NTK-by-parts with LongRoPE's attention factor.
-* ``recovery`` — the fine-tune recipe (``recipes/finetune.py``, full fine-tuning, constant learning rate) at
+* ``recovery`` — the fine-tune recipe (``hf_rope_ext.recipes.finetune``, full fine-tuning, constant learning rate) at
   s x 256 tokens for each method in ``--recover-methods`` and factor in ``--recover-factors``; one run per
   (method, factor), stopped at each of ``--recover-steps`` with ``stop_after`` and resumed, the checkpoint's weights
   evaluated with the same held-out perplexity as ``zero_shot``.
@@ -188,7 +188,9 @@ def part_zero_shot(args, state, out: Path) -> None:
 
 # ---------------------------------------------------------------- recovery with the recipe
 def recipe_module():
-    return load_module(ROOT / "recipes" / "finetune.py", "hf_rope_ext_recipe_finetune")
+    from hf_rope_ext.recipes import finetune
+
+    return finetune
 
 
 def checkpoint_model(folder: Path, arch: str, method: str, factor: float, ckpt: Path, params: dict):
@@ -246,8 +248,8 @@ def recover(args, arch: str, folder: Path, method: str, factor: int, steps: list
         else:
             model = res.model
             model.eval()
-            result["loss_curve"] = res.summary.get("loss_curve")
-            result["tokens_per_s"] = res.summary.get("tokens_per_s")
+            result["loss_curve"] = res.summary.loss_curve
+            result["tokens_per_s"] = res.summary.tokens_per_s
         tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
         result["steps"][str(n)] = ppl(model, tok, ids, window, arch)
         # the same weights read at the trained length: separates long-context recovery from plain extra training

@@ -103,7 +103,8 @@ def test_patch_unpatch_and_repatch_saved_folders(tmp_path, capsys):
     assert main(["unpatch", str(base), "--out", str(tmp_path / "nothing")]) == 2
     assert "not extended" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
     # repatch: refused without --repatch; with it, the same as patching the original directly
-    assert main(["patch", str(tmp_path / "yarn"), "--method", "ntk", "--factor", "2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["patch", str(tmp_path / "yarn"), "--method", "ntk", "--factor", "2",
+                 "--out", str(tmp_path / "x")]) == 2
     assert "repatch" in capsys.readouterr().err
     assert main(["patch", str(tmp_path / "yarn"), "--method", "ntk", "--factor", "2", "--repatch",
                  "--out", str(tmp_path / "ntk")]) == 0

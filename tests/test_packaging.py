@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", "runs", "benchmarks", "tests"}
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+         timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    shown = " ".join(map(str, cmd))
+    assert proc.returncode == 0, f"{shown}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -108,9 +110,8 @@ def test_recipes_cp_and_finetune_help_from_the_wheel(installed):
 def test_tiny_finetune_from_the_wheel(installed):
     """A two-step LoRA run of a tiny Llama through `hf-rope-ext finetune`: the model folder, its summary and the
     reloaded extended length."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     work = installed["tmp"] / "ft"
     work.mkdir()

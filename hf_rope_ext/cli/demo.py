@@ -50,14 +50,15 @@ def demo_plan(device: str, args: argparse.Namespace | None = None) -> dict[str, 
     return plan
 
 
-@subcommand("demo", "the main job: extend the real SmolLM2-135M past its 8192 tokens, table + plots", _demo_args, EXAMPLE)
+@subcommand("demo", "the main job: extend the real SmolLM2-135M past its 8192 tokens, table + plots", _demo_args,
+            EXAMPLE)
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from ..loading import load_model
-    from ..plots import rope_geometry
     from ..eval.compare import compare_methods
     from ..eval.text import load_text
+    from ..loading import load_model
+    from ..plots import rope_geometry
 
     t0 = time.perf_counter()
     device = args.device
@@ -72,7 +73,8 @@ def _demo(args: argparse.Namespace) -> int:
     text = load_text(None)
     original = model.config.max_position_embeddings
     longest = max(plan["lengths"])
-    print(f"loaded in {load_seconds:.0f} s: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"loaded in {load_seconds:.0f} s: {type(model).__name__}, {n_params / 1e6:.1f}M "
           f"parameters, trained context {original} tokens")
     print(f"measuring: methods {', '.join(plan['methods'])} (each patched for x{plan['factor']:g} = "
           f"{int(original * plan['factor'])} tokens) at lengths {', '.join(map(str, plan['lengths']))}"

@@ -1,4 +1,5 @@
-"""``hf-rope-ext eval ppl|passkey|needle`` and ``hf-rope-ext compare``: measure a model (calls :mod:`hf_rope_ext.eval`)."""
+"""``hf-rope-ext eval ppl|passkey|needle`` and ``hf-rope-ext compare``: measure a model (calls
+:mod:`hf_rope_ext.eval`)."""
 
 from __future__ import annotations
 
@@ -56,12 +57,13 @@ def _eval_ppl_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
-    from ..plots import plot_perplexity_vs_length, plot_position_loss
     from ..eval.perplexity import perplexity_at_lengths
+    from ..plots import plot_perplexity_vs_length, plot_position_loss
 
     model, tokenizer = load(args)
     report = perplexity_at_lengths(
-        model, tokenizer, args.lengths, text_source(args), stride=args.stride, windows=args.windows, offset=args.offset,
+        model, tokenizer, args.lengths, text_source(args), stride=args.stride, windows=args.windows,
+        offset=args.offset,
         bucket_size=args.bucket_size, batch_size=args.batch_size, loss_chunk=args.loss_chunk,
         share_forward=args.share_forward, model_name=args.model, progress=not args.no_progress,
     )
@@ -130,7 +132,8 @@ def _eval_needle(args: argparse.Namespace) -> int:
     from ..eval.needle import needle_grid
 
     model, tokenizer = load(args)
-    report = needle_grid(model, tokenizer, args.lengths, args.depths, text_source(args), trials=args.trials, seed=args.seed,
+    report = needle_grid(model, tokenizer, args.lengths, args.depths, text_source(args), trials=args.trials,
+                         seed=args.seed,
                          offset=args.offset, max_new_tokens=args.max_new_tokens or 16, batch_size=args.batch_size,
                          model_name=args.model, progress=not args.no_progress)
     return _finish_retrieval(report, args)
@@ -203,8 +206,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 @subcommand("compare", "patch a fresh copy per method, measure each the same way, print a table, plot", _compare_args,
             COMPARE_EXAMPLE)
 def _compare(args: argparse.Namespace) -> int:
-    from ..loading import load_model
     from ..eval.compare import compare_methods
+    from ..loading import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     scoped, shared = _method_params(args.param, methods)

@@ -7,7 +7,8 @@ import argparse
 
 from ._common import sub_parser, subcommand
 
-FINETUNE_EXAMPLE = """Every argument after `finetune` goes to the recipe; `hf-rope-ext finetune --help` lists its options.
+FINETUNE_EXAMPLE = """Every argument after `finetune` goes to the recipe; `hf-rope-ext finetune --help` lists its
+options.
 
 examples:
   hf-rope-ext finetune --config smollm2_pose_yarn_smoke --output_dir runs/smoke

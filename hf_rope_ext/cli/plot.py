@@ -24,13 +24,14 @@ def _example(name: str) -> str:
     return f"example:\n  {EXAMPLES[name]}"
 
 def _plot_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="plot_command", required=True, metavar="{ppl,positions,heatmap,wavelengths,similarity}")
+    sub = p.add_subparsers(dest="plot_command", required=True, metavar="{" + ",".join(EXAMPLES) + "}")
     q = sub_parser(sub, "ppl", "perplexity vs length from eval ppl / compare JSON files", _example("ppl"))
     q.add_argument("results", nargs="+", help="JSON files written by `eval ppl --out` or `compare`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--original-length", type=int, help="mark this length (default: from the results)")
     q.set_defaults(_plot_run=_plot_ppl)
-    q = sub_parser(sub, "positions", "loss by position bucket from eval ppl / compare JSON files", _example("positions"))
+    q = sub_parser(sub, "positions", "loss by position bucket from eval ppl / compare JSON files",
+                   _example("positions"))
     q.add_argument("results", nargs="+", help="JSON files written by `eval ppl --out` or `compare`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--length", type=int, help="which window length (default: the longest)")
@@ -39,7 +40,8 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("results", help="JSON file written by `eval passkey --out` or `eval needle --out`")
     q.add_argument("--out", required=True, help="PNG to write")
     q.set_defaults(_plot_run=_plot_heatmap)
-    q = sub_parser(sub, "wavelengths", "RoPE per-dimension wavelengths and scales for each method", _example("wavelengths"))
+    q = sub_parser(sub, "wavelengths", "RoPE per-dimension wavelengths and scales for each method",
+                   _example("wavelengths"))
     q.add_argument("model", nargs="?", help="read head dim, base and trained length from this model (or give them)")
     q.add_argument("--methods", default="extrapolate,linear,ntk,yarn", help="comma-separated rotary methods")
     q.add_argument("--factor", type=float, required=True, help="extension factor s")
@@ -49,7 +51,8 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--json", dest="json_out", help="also write the numbers as JSON here")
     q.set_defaults(_plot_run=_plot_wavelengths)
-    q = sub_parser(sub, "similarity", "cosine similarity of learned position vectors, before / after extension", _example("similarity"))
+    q = sub_parser(sub, "similarity", "cosine similarity of learned position vectors, before / after extension",
+                   _example("similarity"))
     q.add_argument("model", help="a model with a learned position table (GPT-2, BERT, OPT, ...)")
     add_patch_arguments(q)
     q.add_argument("--max-points", type=int, default=512, help="subsample long tables to this many rows")
@@ -57,7 +60,8 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     q.set_defaults(_plot_run=_plot_similarity, dtype=None, device=None)
 
 
-@subcommand("plot", "pictures: ppl, positions, heatmap (from result JSON), wavelengths, similarity", _plot_args, EXAMPLE)
+@subcommand("plot", "pictures: ppl, positions, heatmap (from result JSON), wavelengths, similarity", _plot_args,
+            EXAMPLE)
 def _plot(args: argparse.Namespace) -> int:
     path = args._plot_run(args)
     print(f"wrote {path}")
