@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,15 +129,26 @@ def _section(text: str, title: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_templates_ship_inside_the_package():
-    import hf_rope_ext.cards
+def test_templates_ship_inside_the_package(tmp_path):
+    import hf_rope_ext
 
-    folder = Path(hf_rope_ext.cards.__file__).parent / "templates"
+    package = Path(hf_rope_ext.__file__).parent
+    folder = package / "cards" / "templates"
     for name in ("causal_lm", "encoder"):
         assert template_text(name) == (folder / f"{name}.md").read_text()
         assert "${marker}" in template_text(name)
-    repo_link = Path(__file__).resolve().parent.parent / "model_cards"  # the documented path still works
+    repo_link = package.parent / "model_cards"  # the documented path of a source checkout still works
     assert repo_link.resolve() == folder.resolve()
+
+    # the package alone, as a wheel installs it (no model_cards/ next to it), finds its templates
+    site = tmp_path / "site"
+    shutil.copytree(package, site / "hf_rope_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import hf_rope_ext.cards as c, sys; assert c.__file__.startswith(sys.argv[1]), c.__file__; "
+            "print(c.template_text('causal_lm'), end='')")
+    proc = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (folder / "causal_lm.md").read_text()
 
 
 def test_card_metadata_parses_and_validates(yarn_dir, results, tmp_path):
