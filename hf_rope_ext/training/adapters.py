@@ -77,12 +77,18 @@ def _has_norm_child(module: nn.Module) -> bool:
 
 
 def position_table_modules(model: nn.Module) -> list[str]:
-    """Full names of learned position-embedding tables (``nn.Embedding`` whose name says position, or ``wpe``)."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and ("position" in name.rsplit(".", 1)[-1] or name.endswith("wpe")):
-            found.append(name)
-    return found
+    """Full names of the model's learned position tables (GPT-2 ``wpe``, BERT ``position_embeddings``), found by
+    :func:`hf_rope_ext.families.table_modules`; none for rotary models and fixed sinusoidal tables."""
+    from .. import families
+
+    try:
+        family = families.table_family(model)
+        found = families.table_modules(model, family)
+    except ValueError:
+        return []
+    if family.sinusoid is not None:
+        return []
+    return [name for name, module in found if isinstance(module, nn.Embedding)]
 
 
 def embedding_modules(model: nn.Module) -> list[str]:
