@@ -18,7 +18,6 @@ From the position encoding itself:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import families, patching
+from .eval.io import load_result  # noqa: F401  (re-exported: plots read reports through it)
 from .registry import get_method
 
 REGIME_TOLERANCE = 0.01
@@ -58,23 +58,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def load_result(data: Any) -> Any:
-    """A report dataclass from itself, its ``to_dict()``, or a JSON file written by ``save()`` / the CLI."""
-    from .eval.compare import CompareReport
-    from .eval.perplexity import PerplexityReport
-    from .eval.retrieval import RetrievalReport
-
-    if isinstance(data, (str, Path)):
-        data = json.loads(Path(data).read_text())
-    if not isinstance(data, Mapping):
-        return data
-    kinds = {"compare": CompareReport, "perplexity": PerplexityReport, "retrieval": RetrievalReport}
-    kind = data.get("kind")
-    if kind not in kinds:
-        raise ValueError(f"not a result this library wrote (kind {kind!r}); expected one of: {', '.join(kinds)}")
-    return kinds[kind].from_dict(dict(data))
 
 
 def _label(report: Any) -> str:

@@ -3,7 +3,7 @@
 A results item is a JSON file, its parsed value, or the report object itself. Accepted kinds:
 
 - ``perplexity``, ``retrieval``, ``compare``: the reports ``hf_rope_ext.eval`` writes (``PerplexityReport``,
-  ``RetrievalReport``, ``CompareReport``), read by their own ``from_dict`` (through ``plots.load_result``);
+  ``RetrievalReport``, ``CompareReport``), read by their own ``from_dict`` (through ``eval.io.load_result``);
 - ``training_summary``: the :class:`~hf_rope_ext.training.summary.TrainingSummary` the fine-tune recipe writes; its
   held-out perplexity before and after training becomes two perplexity rows;
 - ``rows``: results measured elsewhere, ``{"kind": "rows", "rows": [{"task": "perplexity", "length": 8192,
@@ -31,7 +31,7 @@ Task = Literal["perplexity", "passkey", "needle"]
 TASKS: tuple[str, ...] = ("perplexity", "passkey", "needle")
 ROWS_KIND = "rows"
 REPORT_KINDS: tuple[str, ...] = ("perplexity", "retrieval", "compare")
-"""Kinds of the ``hf_rope_ext.eval`` reports (``plots.load_result`` reads them)."""
+"""Kinds of the ``hf_rope_ext.eval`` reports (``eval.io.load_result`` reads them)."""
 ACCEPTED_KINDS: tuple[str, ...] = (*REPORT_KINDS, TRAINING_KIND, ROWS_KIND)
 PLOT_SECTIONS: tuple[str, ...] = (*TASKS, "training")
 
@@ -309,7 +309,7 @@ def _add(results: Results, data: Any, where: str, base: Path) -> None:
         results.plots += _plots(data.get("plots"), base, where)
         results.sources.append(where)
     elif kind in REPORT_KINDS:
-        from ..plots import load_result
+        from ..eval.io import load_result
 
         try:
             report = load_result(data)
