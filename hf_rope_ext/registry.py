@@ -125,7 +125,7 @@ def method_names(kind: Kind | None = None) -> list[str]:
 
 
 def list_methods(kind: Kind | None = None) -> list[dict[str, Any]]:
-    """Every registered method: name, kind, one-line description, parameters with defaults, paper link."""
+    """Every registered method: name, kind, one-line description, parameters (default, type, meaning), paper link."""
     rows = []
     for name in method_names(kind):
         spec = METHODS[name]
@@ -135,7 +135,8 @@ def list_methods(kind: Kind | None = None) -> list[dict[str, Any]]:
             if f.name in ("factor", "original_max_position_embeddings"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            params[f.name] = {"default": default, "type": str(hints.get(f.name, f.type))}
+            params[f.name] = {"default": default, "type": str(hints.get(f.name, f.type)),
+                              "help": f.metadata.get("help", "")}
         rows.append(
             {
                 "name": name,
@@ -173,3 +174,12 @@ def parse_param_items(items: Iterable[str] | None, option: str = "--param") -> d
         key, value = item.split("=", 1)
         params[key.strip()] = parse_param_value(value)
     return params
+
+
+def param(default: Any = dataclasses.MISSING, *, help: str) -> Any:
+    """A method-parameter dataclass field with its meaning in ``metadata["help"]`` (read by ``list_methods``,
+    ``hf-rope-ext methods`` and the model card). ``param(help=...)`` alone: a required field."""
+    metadata = {"help": " ".join(help.split())}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from hf_rope_ext.registry import get_method
+from hf_rope_ext.registry import get_method, list_methods
 
 CASES = [(64, 10000.0, 4096, 2.0), (64, 500000.0, 8192, 8.0), (128, 1e6, 2048, 16.0), (32, 10000.0, 64, 4.0)]
 
@@ -211,3 +211,17 @@ def test_longrope_needs_factors_of_the_right_length():
 def test_frequencies_are_float32_on_the_requested_device(name):
     inv, _ = ours(name, 64, 10000.0, 4096, 4.0)
     assert inv.dtype == torch.float32 and inv.shape == (32,) and inv.device.type == "cpu"
+
+
+def test_every_method_parameter_says_what_it_means():
+    """Each parameter's meaning lives in its dataclass field metadata (registry.param) and reaches list_methods."""
+    import dataclasses
+
+    from hf_rope_ext.registry import METHODS
+
+    rows = {row["name"]: row for row in list_methods()}
+    for name, spec in METHODS.items():
+        for f in dataclasses.fields(spec.params_cls):
+            assert len(f.metadata.get("help", "")) > 10, (name, f.name)
+            if f.name in rows[name]["parameters"]:
+                assert rows[name]["parameters"][f.name]["help"] == f.metadata["help"], (name, f.name)

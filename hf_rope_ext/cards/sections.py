@@ -10,11 +10,8 @@ touch files.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
-import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,30 +23,10 @@ from .saved import HUB_ID, SavedModel
 
 
 def param_help(cls: type) -> dict[str, str]:
-    """Meaning of each field of a method's parameter dataclass (and its bases): ``metadata["help"]`` where a field
-    has one, else the field's attribute docstring (the string literal under it, the house style of the method
-    parameter classes; Python keeps no such docstring at run time, so it is read from the class source)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(getattr(cls, "__mro__", ())):
-        if klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:], strict=False):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    if dataclasses.is_dataclass(cls):
-        docs.update({f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.metadata.get("help")})
-    return docs
+    """Meaning of each field of a method's parameter dataclass: its ``metadata["help"]`` (``registry.param``)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.metadata.get("help")}
 
 
 def method_spec(name: str) -> Any:

@@ -8,7 +8,8 @@ the causal map the branches' regions do not overlap. A method never sees the mod
 merges the branches in one softmax.
 
 Positions are the model's own position ids (left-padding aware). ``q_pos`` / ``k_pos`` take and return float64
-tensors (Leaky ReRoPE's positions are fractional); ``interval`` maps int64 query positions to the key-position range of the branch.
+tensors (Leaky ReRoPE's positions are fractional); ``interval`` maps int64 query positions to the key-position range
+of the branch.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import param
+
 
 @dataclass
 class AttentionParams:
     """Parameters every attention-level method receives."""
 
-    factor: float
-    """Scale s = new context length / original context length (> 1)."""
-    original_max_position_embeddings: int
-    """Context length the model was pre-trained at (L)."""
-    logn: bool = False
-    """Also multiply each query at position p by max(1, log(p + 1) / log(L)) (log-n attention scaling: Su 2023,
-    https://kexue.fm/archives/8823; Qwen-7B's ``use_logn_attn``). Inference-time only; 1 inside the trained length."""
+    factor: float = param(help="Scale s = new context length / original context length (> 1).")
+    original_max_position_embeddings: int = param(help="Context length the model was pre-trained at (L).")
+    logn: bool = param(
+        False,
+        help="Also multiply each query at position p by max(1, log(p + 1) / log(L)) (log-n attention scaling: Su "
+             "2023, https://kexue.fm/archives/8823; Qwen-7B's ``use_logn_attn``). Inference-time only; 1 inside the "
+             "trained length.",
+    )
 
     def validate(self) -> None:
         if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or not math.isfinite(
@@ -80,13 +84,18 @@ class Branch:
     together cover every key position <= i."""
 
     name: str
-    interval: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    """int64 query positions [...] -> (lo, hi) int64 [...]: the branch's inclusive key-position range (lo > hi:
-    empty)."""
-    q_pos: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """Query positions (float64) -> the positions the queries take in this branch; None: their own."""
-    k_pos: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """Key positions (float64) -> the positions the keys take in this branch; None: their own."""
+    interval: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = param(
+        help="int64 query positions [...] -> (lo, hi) int64 [...]: the branch's inclusive key-position range (lo > "
+             "hi: empty).",
+    )
+    q_pos: Callable[[torch.Tensor], torch.Tensor] | None = param(
+        None,
+        help="Query positions (float64) -> the positions the queries take in this branch; None: their own.",
+    )
+    k_pos: Callable[[torch.Tensor], torch.Tensor] | None = param(
+        None,
+        help="Key positions (float64) -> the positions the keys take in this branch; None: their own.",
+    )
 
 
 @dataclass(frozen=True)
@@ -94,9 +103,10 @@ class AttentionLayout:
     """What an attention-level method computes from its parameters."""
 
     branches: tuple[Branch, ...]
-    exact_below: int
-    """Queries at positions < exact_below see only true relative positions: below it the model is the original one
-    (the backend then calls the original attention, bit-identical)."""
+    exact_below: int = param(
+        help="Queries at positions < exact_below see only true relative positions: below it the model is the "
+             "original one (the backend then calls the original attention, bit-identical).",
+    )
 
 
 def near(window: int) -> Branch:

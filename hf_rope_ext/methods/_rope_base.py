@@ -11,19 +11,22 @@ from typing import Any
 
 import torch
 
+from ..registry import param
+
 
 @dataclass
 class RopeParams:
     """Parameters every rotary method receives."""
 
-    factor: float
-    """Scale s = new context length / original context length (> 1)."""
-    original_max_position_embeddings: int
-    """Context length the model was pre-trained at (L)."""
-    logn: bool = False
-    """Also multiply each query at position p by max(1, log(p + 1) / log(L)) (log-n scaling, Su 2023,
-    https://kexue.fm/archives/8823; Qwen-7B's ``use_logn_attn``). Done by the attention backend, inference only;
-    stock transformers and serving engines do not know it (a saved model names the attention implementation)."""
+    factor: float = param(help="Scale s = new context length / original context length (> 1).")
+    original_max_position_embeddings: int = param(help="Context length the model was pre-trained at (L).")
+    logn: bool = param(
+        False,
+        help="Also multiply each query at position p by max(1, log(p + 1) / log(L)) (log-n scaling, Su 2023, "
+             "https://kexue.fm/archives/8823; Qwen-7B's ``use_logn_attn``). Done by the attention backend, inference "
+             "only; stock transformers and serving engines do not know it (a saved model names the attention "
+             "implementation).",
+    )
 
     def validate(self) -> None:
         if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or self.factor <= 1:

@@ -12,19 +12,23 @@ from typing import ClassVar
 
 import torch
 
+from ..registry import param
+
 
 @dataclass
 class TableParams:
     """Parameters every learned-table method receives."""
 
-    factor: float
-    """Scale s = new table length / original table length (> 1)."""
-    original_max_position_embeddings: int
-    """Number of trained position rows n (positions only, without offset rows)."""
+    factor: float = param(help="Scale s = new table length / original table length (> 1).")
+    original_max_position_embeddings: int = param(
+        help="Number of trained position rows n (positions only, without offset rows).",
+    )
 
-    needs_formula: ClassVar[bool] = False
-    """True for methods that continue a fixed formula (sinusoidal tables); the patching code then passes the model's
-    formula as ``formula=`` and refuses learned tables, which have none."""
+    needs_formula: ClassVar[bool] = param(
+        False,
+        help="True for methods that continue a fixed formula (sinusoidal tables); the patching code then passes the "
+             "model's formula as ``formula=`` and refuses learned tables, which have none.",
+    )
 
     def validate(self) -> None:
         if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or self.factor <= 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._table_base import TableParams, check_table
 
 
@@ -20,8 +20,10 @@ from ._table_base import TableParams, check_table
 class HierarchicalParams(TableParams):
     """Parameters of the hierarchical decomposition."""
 
-    alpha: float = 0.4
-    """Weight of the "high digit" vector u[i]; 0 < alpha < 1 and not 0.5 (Su Jianlin uses 0.4)."""
+    alpha: float = param(
+        0.4,
+        help="Weight of the \"high digit\" vector u[i]; 0 < alpha < 1 and not 0.5 (Su Jianlin uses 0.4).",
+    )
 
     def validate(self) -> None:
         super().validate()

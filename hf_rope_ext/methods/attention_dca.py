@@ -17,16 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, check_int, constant
 
 
 @dataclass
 class DCAParams(AttentionParams):
-    chunk_size: int | None = None
-    """Largest relative position used (<= L). None = 3 * L // 4."""
-    local_window: int | None = None
-    """Queries this close to the start of their chunk see the previous chunk at true distance. None = L // 8."""
+    chunk_size: int | None = param(None, help="Largest relative position used (<= L). None = 3 * L // 4.")
+    local_window: int | None = param(
+        None,
+        help="Queries this close to the start of their chunk see the previous chunk at true distance. None = L // 8.",
+    )
 
     def validate(self) -> None:
         super().validate()

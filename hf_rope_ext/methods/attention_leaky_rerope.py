@@ -9,16 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, near
 
 
 @dataclass
 class LeakyReRoPEParams(AttentionParams):
-    window: int | None = None
-    """w: pairs with i - j < w keep their true distance. None = L // 4."""
-    leak: float = 16.0
-    """k > 1: past w the relative position grows 1/k per token (Su's experiments: k = 16)."""
+    window: int | None = param(None, help="w: pairs with i - j < w keep their true distance. None = L // 4.")
+    leak: float = param(
+        16.0,
+        help="k > 1: past w the relative position grows 1/k per token (Su's experiments: k = 16).",
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -8,15 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, constant, near
 
 
 @dataclass
 class ReRoPEParams(AttentionParams):
-    window: int | None = None
-    """w: pairs with i - j < w keep their true distance, farther ones see w. None = L // 4 (Su's ablation: w from
-    L/8 to L/2 works, w = L collapses; the Llama-2 results use w = L/4 to L/8)."""
+    window: int | None = param(
+        None,
+        help="w: pairs with i - j < w keep their true distance, farther ones see w. None = L // 4 (Su's ablation: w "
+             "from L/8 to L/2 works, w = L collapses; the Llama-2 results use w = L/4 to L/8).",
+    )
 
     def validate(self) -> None:
         super().validate()

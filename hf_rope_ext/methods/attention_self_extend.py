@@ -10,17 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._attention_base import FAR, AttentionLayout, AttentionParams, Branch, check_int, near
 
 
 @dataclass
 class SelfExtendParams(AttentionParams):
-    group_size: int | None = None
-    """G >= 1. None = the smallest G with W + (N - W) / G <= L / 2, the conservative end of the authors' rule
-    (1/2 to 2/3) * L > W + (N - W) / G (LongLM README): only well-trained relative positions are used."""
-    window: int | None = None
-    """W, the neighbour window, 1 <= W < L. None = L // 4 (the authors use 512-1536 for Llama-2's 4096)."""
+    group_size: int | None = param(
+        None,
+        help="G >= 1. None = the smallest G with W + (N - W) / G <= L / 2, the conservative end of the authors' rule "
+             "(1/2 to 2/3) * L > W + (N - W) / G (LongLM README): only well-trained relative positions are used.",
+    )
+    window: int | None = param(
+        None,
+        help="W, the neighbour window, 1 <= W < L. None = L // 4 (the authors use 512-1536 for Llama-2's 4096).",
+    )
 
     def validate(self) -> None:
         super().validate()

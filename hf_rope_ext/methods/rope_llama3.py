@@ -9,16 +9,17 @@ from typing import Any
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._rope_base import RopeParams, default_inv_freq
 
 
 @dataclass
 class Llama3Params(RopeParams):
-    low_freq_factor: float = 1.0
-    """Wavelengths above L / low_freq_factor are interpolated by the full factor."""
-    high_freq_factor: float = 4.0
-    """Wavelengths below L / high_freq_factor are kept unchanged."""
+    low_freq_factor: float = param(
+        1.0,
+        help="Wavelengths above L / low_freq_factor are interpolated by the full factor.",
+    )
+    high_freq_factor: float = param(4.0, help="Wavelengths below L / high_freq_factor are kept unchanged.")
 
     def validate(self) -> None:
         super().validate()

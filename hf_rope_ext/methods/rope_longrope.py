@@ -9,18 +9,24 @@ from typing import Any
 
 import torch
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._rope_base import RopeParams, default_inv_freq
 
 
 @dataclass
 class LongRopeParams(RopeParams):
-    short_factor: list[float] | None = None
-    """Per-dimension divisors (length rotary_dim / 2) used while the sequence fits the original length."""
-    long_factor: list[float] | None = None
-    """Per-dimension divisors (length rotary_dim / 2) used past the original length."""
-    attention_factor: float | None = None
-    """Multiplier of cos/sin; None = sqrt(1 + ln(s) / ln(L)) as in the paper / Phi-3."""
+    short_factor: list[float] | None = param(
+        None,
+        help="Per-dimension divisors (length rotary_dim / 2) used while the sequence fits the original length.",
+    )
+    long_factor: list[float] | None = param(
+        None,
+        help="Per-dimension divisors (length rotary_dim / 2) used past the original length.",
+    )
+    attention_factor: float | None = param(
+        None,
+        help="Multiplier of cos/sin; None = sqrt(1 + ln(s) / ln(L)) as in the paper / Phi-3.",
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -7,18 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._rope_base import RopeParams, by_parts_inv_freq
 
 
 @dataclass
 class ByPartsParams(RopeParams):
-    beta_fast: float = 32.0
-    """Dimensions turning more than this many times over the original length are left unchanged."""
-    beta_slow: float = 1.0
-    """Dimensions turning fewer than this many times are fully interpolated (divided by the factor)."""
-    truncate: bool = True
-    """Round the ramp's ends to whole dimensions (as the YaRN reference code and transformers do)."""
+    beta_fast: float = param(
+        32.0,
+        help="Dimensions turning more than this many times over the original length are left unchanged.",
+    )
+    beta_slow: float = param(
+        1.0,
+        help="Dimensions turning fewer than this many times are fully interpolated (divided by the factor).",
+    )
+    truncate: bool = param(
+        True,
+        help="Round the ramp's ends to whole dimensions (as the YaRN reference code and transformers do).",
+    )
 
     def validate(self) -> None:
         super().validate()

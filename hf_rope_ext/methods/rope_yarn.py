@@ -6,15 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import register_method
+from ..registry import param, register_method
 from ._rope_base import yarn_attention_factor
 from .rope_ntk_by_parts import ByPartsParams, by_parts_native
 
 
 @dataclass
 class YarnParams(ByPartsParams):
-    attention_factor: float | None = None
-    """Multiplier of cos and sin (logits scale by its square); None = 0.1 * ln(factor) + 1 as in the paper."""
+    attention_factor: float | None = param(
+        None,
+        help="Multiplier of cos and sin (logits scale by its square); None = 0.1 * ln(factor) + 1 as in the paper.",
+    )
 
     def validate(self) -> None:
         super().validate()

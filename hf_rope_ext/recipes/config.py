@@ -311,7 +311,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         usage="%(prog)s [--config NAME_OR_FILE] [--OPTION VALUE ...] [--param KEY=VALUE ...]",
-        description=__doc__.split("\n\n")[0],
+        description="Fine-tune an extended model at its new length: patch, train briefly, merge, save it reloadable.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
