@@ -19,6 +19,8 @@ Stages, each resumable (every finished measurement is written to ``--out`` at on
 3. Decoding cost for the ``--decode`` configs: prefill the 16k window with a KV cache, then time
    ``--decode-steps`` single-token steps (seconds per generated token, against config ``none``).
 4. Passkey at 16k for the ``--passkey`` configs: keys at ``--passkey-depths``, ``--passkey-trials`` keys each.
+   ``--passkey-window-control``: the same prompts (same keys) read by the *unpatched* model through its own 8k
+   window, i.e. only their last 8192 tokens (instructions and early keys fall out of view), greedy, 8 new tokens.
 
 Writes ``benchmarks/results/attention_16k_<device>.json`` and prints markdown tables generated from it.
 """
@@ -68,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passkey", default="", help="comma list of configs given passkey at 16k")
     p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--passkey-trials", type=int, default=2)
+    p.add_argument("--passkey-window-control", action="store_true",
+                   help="also the baseline a user would run: the unpatched model reading only the last 8192 tokens "
+                        "of each same passkey prompt (the key is in view only when it lies in them)")
     p.add_argument("--decode", default="", help="comma list of configs timed for decoding with a 16k cache")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--no-control", action="store_true", help="skip the 8k sliding-window control")
@@ -173,6 +178,12 @@ def report(state: dict) -> str:
             c, t = totals.get(name, (0, 0))
             totals[name] = (c + r["correct"], t + r["total"])
         lines += [""] + [f"Passkey at {LENGTH // 1024}k, {name}: {c}/{t} keys over all depths" for name, (c, t) in totals.items()]
+    if state.get("passkey_window_control"):
+        lines += ["", f"| unpatched, last {ORIGINAL} tokens of the same prompts: depth | key in view | keys correct | "
+                      "answers (expected->generated) |", "|---|---|---|---|"]
+        for depth, r in state["passkey_window_control"].items():
+            view = "/".join("yes" if v else "no" for v in r["key_in_view"])
+            lines.append(f"| {depth} | {view} | {r['correct']}/{r['total']} | {', '.join(r['outputs'])} |")
     return "\n".join(lines)
 
 
@@ -271,8 +282,42 @@ def main(argv: list[str] | None = None) -> int:
             save()
             print(f"[passkey] {key}: {state['passkey'][key]['correct']}/{len(trials)} {state['passkey'][key]['outputs']}",
                   flush=True)
+    if args.passkey_window_control:
+        passkey_window_control(model, tok, depths, args.passkey_trials, state, save)
     print(report(state))
     return 0
+
+
+def passkey_window_control(model, tok, depths, trials: int, state: dict, save) -> None:
+    """Unpatched model, last ``ORIGINAL`` tokens of each 16k passkey prompt (the keys of ``passkey_accuracy``'s
+    cells: seed 0, trial 0..trials-1), greedy; scored like the passkey stage (first number == key)."""
+    import torch
+
+    from hf_rope_ext.eval.passkey import build_passkey_prompt, random_key
+    from hf_rope_ext.eval.retrieval import cell_rng, score_answer
+
+    control = state.setdefault("passkey_window_control", {})
+    for depth in depths:
+        key = f"{depth}"
+        if key in control:
+            continue
+        t0, correct, outputs, in_view = time.perf_counter(), 0, [], []
+        for trial in range(trials):
+            answer = random_key(cell_rng(0, "passkey", LENGTH, depth, trial), 5)
+            prompt = build_passkey_prompt(tok, LENGTH, depth, answer)
+            ids = torch.tensor(prompt.input_ids[-ORIGINAL:])[None]
+            in_view.append(prompt.needle_start >= len(prompt.input_ids) - ORIGINAL)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            ok = score_answer(text, answer)[1]
+            correct += ok
+            outputs.append(f"{answer}->{text.strip()!r}")
+        control[key] = {"correct": correct, "total": trials, "outputs": outputs, "key_in_view": in_view,
+                        "seconds": time.perf_counter() - t0}
+        save()
+        print(f"[passkey window control] depth {depth}: {correct}/{trials} (key in the last {ORIGINAL}: {in_view}) "
+              f"{outputs}", flush=True)
 
 
 if __name__ == "__main__":
