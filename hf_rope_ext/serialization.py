@@ -8,15 +8,27 @@ Order of preference for the ``rope_parameters`` written into a patched config:
    explicit ``attention_factor`` -- every fixed per-frequency rescale reloads in stock transformers that way;
 3. dynamic methods without a native type: a plugin type registered in ``ROPE_INIT_FUNCTIONS`` when ``hf_rope_ext`` is
    imported. Its name says so, so loading without the plugin fails with a message naming the fix.
+
+Every reader: transformers 5 reads ``rope_parameters`` (theta inside); transformers 4.4x-4.57, TGI and serving engines
+running transformers 4 read ``rope_scaling`` and a top-level ``rope_theta`` and, given only ``rope_parameters``, build
+plain RoPE with theta 10000 without a word. So the config.json of a patched model also carries that legacy mirror
+whenever it expresses the same model (``legacy_mirror``), written by ``register_all``'s hook on
+``PreTrainedConfig.to_json_string``. The mirror follows the serving engines' rule for the served length (see
+``legacy_mirror``), so vLLM and SGLang advertise the patched length.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import modeling_rope_utils
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 
 from . import families, registry
@@ -121,12 +133,114 @@ def _attention_init_fn(config: Any, device: Any = None, seq_len: Any = None, lay
     return default_inv_freq(dim, base, device), 1.0
 
 
+# ------------------------------------------------------------------------------------------- the legacy mirror
+
+LEGACY_ROPE_TYPES = frozenset({"default", "linear", "dynamic", "yarn", "llama3", "longrope"})
+"""rope types that transformers 4.4x-4.57 builds from ``rope_scaling`` (its ``ROPE_INIT_FUNCTIONS``)."""
+
+META_KEY_CONFIG = "hf_rope_ext"
+"""config.json key of the patch record (``patching.META_KEY``; repeated here: patching imports this module)."""
+
+
+LEGACY_READER = "transformers 4.4x-4.57 (and engines reading config.json through it)"
+
+
+def legacy_mirror(config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The top-level keys transformers 4.x reads for the rotary embedding that ``config`` (a transformers 5 config
+    dict of a patched model) describes, and None; or None and the reason it cannot be expressed for 4.x.
+
+    Keys written: ``rope_theta`` (and ``partial_rotary_factor``) at top level; ``rope_scaling`` = ``rope_parameters``
+    without those two, with ``type`` beside ``rope_type`` (transformers < 4.45 reads ``type``); omitted for plain
+    RoPE. transformers 5 gives ``rope_scaling`` precedence over ``rope_parameters`` when both are present
+    (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``), so the mirror always carries every field.
+
+    The served length follows the engines' rule (read from the sources, vLLM 0.33.0 and SGLang 0.5.23):
+
+    - vLLM ``vllm/config/model.py::_get_and_verify_max_len``: ``max_position_embeddings`` (capped by the tokenizer's
+      ``model_max_length``) times ``factor`` for every rope type except yarn, llama3, longrope (and su,
+      deepseek_yarn), whose ``max_position_embeddings`` is taken as already extended. For longrope its default
+      ``max_model_len`` is a top-level ``original_max_position_embeddings`` when there is one (its Phi-3 rule), the
+      derived length still being the allowed maximum.
+    - SGLang ``sglang/srt/utils/hf_transformers/common.py::get_context_length``: ``max_position_embeddings`` times
+      ``rope_scaling["factor"]``, unless ``rope_scaling`` has ``original_max_position_embeddings`` or is llama3.
+
+    So ``linear`` (no ``original_max_position_embeddings`` in its fields) is written with ``max_position_embeddings``
+    = the ORIGINAL length, as ``dynamic`` already is and as released linear checkpoints do (e.g. Vicuna-16k: 4096 and
+    factor 4); both engines then serve original x factor. yarn/llama3/longrope keep the extended length. A longrope
+    with ``short_factor != long_factor`` also gets a top-level ``original_max_position_embeddings``: transformers 4.x
+    reads the switch length only from there (Phi-3's field) and otherwise switches at ``max_position_embeddings``.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, Mapping) or not rope:
+        return None, "config.json has no rope_parameters"
+    if "rope_type" not in rope:  # nested per layer type (Gemma-3): transformers 4 keeps another layout per model
+        return None, (
+            "rope parameters per layer type (" + ", ".join(map(str, rope)) + "); transformers 4 stores these in a "
+            "model-specific layout"
+        )
+    rope_type = rope["rope_type"]
+    if rope_type not in LEGACY_ROPE_TYPES:
+        return None, f"rope_type {rope_type!r} does not exist in transformers 4 (it knows {sorted(LEGACY_ROPE_TYPES)})"
+    if "rope_theta" not in rope:
+        return None, "rope_parameters has no rope_theta"
+    mirror: dict[str, Any] = {"rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:
+        mirror["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if rope_type != "default":
+        fields = {k: copy.deepcopy(v) for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        mirror["rope_scaling"] = {"rope_type": rope_type, "type": rope_type, **fields}
+    meta = config.get(META_KEY_CONFIG) or {}
+    if rope_type == "linear" and meta.get("original_max_position_embeddings"):
+        mirror["max_position_embeddings"] = int(meta["original_max_position_embeddings"])
+    if rope_type == "longrope" and rope.get("short_factor") != rope.get("long_factor"):
+        mirror["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    return mirror, None
+
+
+def transformers4_support(config: Mapping[str, Any]) -> dict[str, Any]:
+    """For ``patch_info``: whether config.json also carries the legacy mirror, and why not when it does not."""
+    mirror, reason = legacy_mirror(config)
+    if mirror is not None:
+        return {"expressed": True, "reader": LEGACY_READER, "keys": sorted(mirror)}
+    return {
+        "expressed": False,
+        "reader": LEGACY_READER,
+        "reason": f"{reason}: transformers 4 would build plain RoPE from this config.json; load it with "
+        "transformers 5 (and `import hf_rope_ext` where the rope type names it)",
+    }
+
+
+def _with_legacy_mirror(to_json_string: Any) -> Any:
+    @functools.wraps(to_json_string)
+    def wrapper(self: Any, use_diff: bool = True) -> str:
+        text = to_json_string(self, use_diff=use_diff)
+        if not isinstance(getattr(self, META_KEY_CONFIG, None), Mapping):
+            return text
+        config = json.loads(text)
+        mirror, _ = legacy_mirror(config)
+        if mirror is None:
+            return text
+        config.update(mirror)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"  # as transformers' own to_json_string
+
+    wrapper._hf_rope_ext_legacy = True
+    return wrapper
+
+
+def register_legacy_mirror() -> None:
+    """Write the legacy mirror into the config.json of every patched model (configs without the patch record are
+    serialized exactly as before). Idempotent."""
+    if not getattr(PreTrainedConfig.to_json_string, "_hf_rope_ext_legacy", False):
+        PreTrainedConfig.to_json_string = _with_legacy_mirror(PreTrainedConfig.to_json_string)
+
+
 def register_all() -> None:
     for spec in registry.METHODS.values():
         register_plugin_type(spec)
     registry.ON_REGISTER.append(register_plugin_type)
     ROPE_INIT_FUNCTIONS[ATTENTION_ROPE_TYPE] = _attention_init_fn
     setattr(RotaryEmbeddingConfigMixin, f"_validate_{ATTENTION_ROPE_TYPE}_rope_parameters", lambda *a, **k: None)
+    register_legacy_mirror()
 
 
 assert modeling_rope_utils.ROPE_INIT_FUNCTIONS is ROPE_INIT_FUNCTIONS

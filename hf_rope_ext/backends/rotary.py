@@ -222,6 +222,12 @@ def plan(
         "requires_plugin": any(e.requires_plugin for e in entries),
         "original_rope_parameters": original_rp,
         "original_config": original_config,
+        # can transformers 4.x read config.json as the same model (serialization.legacy_mirror)? and why not
+        "transformers4": serialization.transformers4_support(
+            {"rope_parameters": entries[0].rope_parameters if entries[0].prefix is None
+             else {str(e.prefix): e.rope_parameters for e in entries},
+             "hf_rope_ext": {"original_max_position_embeddings": params.original_max_position_embeddings}}
+        ),
     }
     if switch is not None:
         plan.meta["attention"] = switch.meta
