@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import numbers
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -52,8 +54,8 @@ def _base_model_id(model: nn.Module, existing: dict[str, Any] | None) -> str | N
 
 
 def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _resolve_lengths(factor: Any, max_position_embeddings: Any, original: int) -> tuple[float, int]:
@@ -67,7 +69,13 @@ def _resolve_lengths(factor: Any, max_position_embeddings: Any, original: int) -
         _check_number("factor", factor)
         if not factor > 1:
             raise ValueError(f"factor must be > 1 (new length / original length {original}), got {factor}")
-        return float(factor), int(round(original * factor))
+        new_len = int(round(original * factor))
+        if new_len <= original:
+            raise ValueError(
+                f"factor {factor!r} does not lengthen the context: round({original} * factor) = {new_len} positions; "
+                f"use a factor of at least {(original + 1) / original:g}"
+            )
+        return float(factor), new_len
     _check_number("max_position_embeddings", max_position_embeddings)
     if int(max_position_embeddings) != max_position_embeddings or max_position_embeddings <= original:
         raise ValueError(

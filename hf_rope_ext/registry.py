@@ -8,7 +8,11 @@ patching code looks methods up here and never branches on a method's name.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import math
+import numbers
+import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,7 +57,7 @@ class MethodSpec:
                 f"unknown parameter(s) {', '.join(map(repr, unknown))} for method '{self.name}'; "
                 f"valid: {', '.join(valid)}"
             )
-        params = self.params_cls(**kwargs)
+        params = self.params_cls(**check_param_types(self.name, self.params_cls, kwargs))
         validate = getattr(params, "validate", None)
         if validate is not None:
             validate()
@@ -150,7 +154,118 @@ def list_methods(kind: Kind | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["METHODS", "MethodSpec", "register_method", "get_method", "list_methods", "method_names", "field"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "register_method",
+    "get_method",
+    "list_methods",
+    "method_names",
+    "field",
+    "check_param_types",
+]
+
+
+class _Mismatch(Exception):
+    """A value does not fit a declared type; ``expected`` says, in words, what would."""
+
+    def __init__(self, expected: str, where: str = "", got: Any = None) -> None:
+        super().__init__(expected)
+        self.expected, self.where, self.got = expected, where, got
+
+
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` checked against the declared type ``tp`` and normalised (int -> float for a float field, a tuple ->
+    list for a list field); raises ``_Mismatch`` saying what was expected. Types it does not know pass unchecked."""
+    if tp is Any or tp is object:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        wanted = []
+        for option in options:
+            try:
+                return _coerce(value, option)
+            except _Mismatch as mismatch:
+                if mismatch.where:  # right kind of value, wrong entry: that is the error to report
+                    raise
+                wanted.append(mismatch.expected)
+        raise _Mismatch(" or ".join(wanted + (["None"] if len(options) < len(args) else [])))
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise _Mismatch("one of " + ", ".join(map(repr, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch("True or False (a bool; true/false on the command line)")
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        raise _Mismatch("an integer")
+    if tp is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+            return float(value)
+        raise _Mismatch("a finite number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch("a string")
+    if origin in _SEQUENCES or tp in _SEQUENCES:
+        item_type = args[0] if args and (len(args) == 1 or args[1] is Ellipsis) else Any
+        what = f"a list of {_describe(item_type)}"
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch(what)
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_coerce(item, item_type))
+            except _Mismatch as mismatch:
+                raise _Mismatch(what, f"[{i}]{mismatch.where}", item) from None
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise _Mismatch(f"a {tp.__name__}")
+    return value
+
+
+def _describe(tp: Any) -> str:
+    return {float: "finite numbers", int: "integers", bool: "bools", str: "strings"}.get(tp, str(tp))
+
+
+def check_param_types(method: str, params_cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` checked against the declared field types of ``params_cls`` (a dataclass), normalised.
+
+    The one type check of every method parameter, before any method sees it: a bool field takes only a bool (not the
+    string "no"), a float field only a finite number (not "1.2", inf or nan), an int field an integer, a list field a
+    list of entries of its declared type (not the string "1234"). A ValueError names the method, the parameter (and
+    the entry) and what is expected."""
+    try:
+        hints = typing.get_type_hints(params_cls)
+    except Exception:  # a forward reference the module cannot resolve: check the fields whose type is concrete
+        hints = {f.name: f.type for f in dataclasses.fields(params_cls) if not isinstance(f.type, str)}
+    checked = dict(kwargs)
+    for name, value in kwargs.items():
+        if name not in hints:
+            continue
+        try:
+            checked[name] = _coerce(value, hints[name])
+        except _Mismatch as mismatch:
+            if mismatch.where:
+                raise ValueError(
+                    f"method '{method}': parameter {name} must be {mismatch.expected}; "
+                    f"{name}{mismatch.where} is {mismatch.got!r}"
+                ) from None
+            raise ValueError(
+                f"method '{method}': parameter {name} must be {mismatch.expected}, got {value!r}"
+            ) from None
+    return checked
 
 
 def parse_param_value(text: str) -> Any:

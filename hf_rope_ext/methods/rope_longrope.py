@@ -35,9 +35,12 @@ class LongRopeParams(RopeParams):
             if value is None:
                 raise ValueError(f"longrope needs {name}: a list of rotary_dim/2 positive numbers")
             value = [float(v) for v in value]
-            if any(not v > 0 for v in value):
-                raise ValueError(f"longrope {name} must be positive numbers")
+            bad = [i for i, v in enumerate(value) if not (v > 0 and math.isfinite(v))]
+            if bad:
+                raise ValueError(f"longrope {name} must be finite numbers > 0; {name}[{bad[0]}] is {value[bad[0]]!r}")
             setattr(self, name, value)
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"longrope attention_factor must be > 0 or None, got {self.attention_factor!r}")
 
     def resolved_attention_factor(self) -> float:
         if self.attention_factor is not None:
