@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,14 +133,68 @@ def _original_view(model: nn.Module, existing: dict[str, Any] | None, config: An
     return copy.deepcopy(config.rope_parameters), config.max_position_embeddings
 
 
-def _rope_config(model: nn.Module) -> tuple[list[nn.Module], Any]:
+def _rope_config(model: nn.Module, materialised: bool = True) -> tuple[list[nn.Module], Any]:
+    """The rotary modules and their one config; ``materialised``: refuse frequencies on the meta device."""
     modules = families.rotary_modules(model)
     if not modules:
         raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+    if materialised:
+        _check_materialised(modules)
     config = modules[0].config
     if any(m.config is not config for m in modules):
         raise ValueError("rotary modules with different configs are not supported")
     return modules, config
+
+
+def _checked_output(spec: registry.MethodSpec, params: Any, dim: int, base: float, seq_len: int | None) -> tuple:
+    """``spec.compute`` on the cpu, its result checked: inverse frequencies a finite float32 tensor of shape
+    [dim/2], attention factor a finite number > 0. A registered method is user code; a NaN here would make every
+    logit NaN after the patch, so it is refused (naming the method) before the model changes."""
+    at = "" if seq_len is None else f" at seq_len={seq_len}"
+    result = spec.compute(params, dim, base, device="cpu", seq_len=seq_len)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise ValueError(
+            f"method '{spec.name}' returned {type(result).__name__}{at}; a rope method returns "
+            "(inv_freq, attention_factor)"
+        )
+    inv_freq, attention = result
+    if (
+        not isinstance(inv_freq, torch.Tensor)
+        or tuple(inv_freq.shape) != (dim // 2,)
+        or inv_freq.dtype != torch.float32
+        or not torch.isfinite(inv_freq).all()
+    ):
+        what = (
+            f"shape {tuple(inv_freq.shape)} and dtype {inv_freq.dtype}"
+            + ("" if inv_freq.dtype != torch.float32 or torch.isfinite(inv_freq).all() else ", not all finite")
+            if isinstance(inv_freq, torch.Tensor)
+            else f"a {type(inv_freq).__name__}"
+        )
+        raise ValueError(
+            f"method '{spec.name}' returned inverse frequencies of {what}{at}; expected a tensor of shape "
+            f"({dim // 2},), float32, finite"
+        )
+    value = attention
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.detach().reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"method '{spec.name}' returned attention factor {attention!r}{at}; expected a finite number > 0 "
+            "(it multiplies cos and sin; 1.0 = unchanged)"
+        )
+    return inv_freq, attention
+
+
+def _check_materialised(modules: list[nn.Module]) -> None:
+    """Refuse rotary modules whose frequencies live on the meta device (a model built under ``torch.device("meta")``
+    or ``init_empty_weights(include_buffers=True)``): nothing real to patch, and nothing to restore later."""
+    for module in modules:
+        for name, buf in module.named_buffers(recurse=False):
+            if name.endswith("inv_freq") and buf.device.type == "meta":
+                raise ValueError(
+                    f"{type(module).__name__}.{name} is on the meta device (the model was built without data); "
+                    "load the model with its weights first (e.g. from_pretrained(path)), then patch it"
+                )
 
 
 def original_length(model: nn.Module, family: Any, existing: dict[str, Any] | None) -> int:
@@ -182,12 +238,9 @@ def plan(
             )
         base = float(rp["rope_theta"])
         dim = 2 * getattr(modules[0], f"{prefix}_inv_freq" if prefix else "inv_freq").numel()
-        inv_freq, attention = spec.compute(params, dim, base, device="cpu", seq_len=None)
-        if inv_freq.shape != (dim // 2,) or inv_freq.dtype != torch.float32 or not torch.isfinite(inv_freq).all():
-            raise ValueError(
-                f"method '{spec.name}' returned inverse frequencies of shape {tuple(inv_freq.shape)} and dtype "
-                f"{inv_freq.dtype}; expected ({dim // 2},) float32, finite"
-            )
+        inv_freq, attention = _checked_output(spec, params, dim, base, seq_len=None)
+        if spec.dynamic:  # also at the new length, where the method recomputes in forward
+            _checked_output(spec, params, dim, base, seq_len=new_len)
         native, plugin = serialization.rope_parameters_for(
             spec, params, dim, base, inv_freq, attention, family.native_rope_types, config.model_type
         )
@@ -262,7 +315,7 @@ def undo(model: nn.Module, meta: dict[str, Any]) -> None:
         from . import attention
 
         attention.undo_switch(model, meta["attention"])
-    modules, config = _rope_config(model)
+    modules, config = _rope_config(model, materialised=False)
     config.rope_parameters = copy.deepcopy(meta["original_rope_parameters"])
     for key, value in meta["original_config"].items():
         setattr(config, key, value)
