@@ -2,8 +2,8 @@
 
 ``PAPERS`` maps the ``paper`` link a method registers (``register_method(..., paper=URL)``) to a title and a BibTeX
 entry, which the card's *Citation* section prints; a method whose link is not listed here is cited by its link alone.
-``ENGINE_SUPPORT`` maps a ``rope_type`` written to config.json to a sentence saying which serving engines implement
-it (the *Limitations* section quotes it). Both are plain data: add an entry when a method or an engine changes.
+``ENGINE_SUPPORT`` maps a ``rope_type`` written to config.json to a sentence saying what the tests verified about its
+readers, with versions (the *Limitations* section quotes it). Both are plain data: re-check when an engine changes.
 """
 
 from __future__ import annotations
@@ -115,16 +115,42 @@ PAPERS: dict[str, Paper] = {
     ),
 }
 
+TRANSFORMERS5_VERIFIED = "5.24.0"
+LEGACY_TRANSFORMERS = "4.57.6"
+"""The transformers 4.x release tests/test_serving.py installs and loads saved checkpoints with."""
+VLLM_SOURCE = "vLLM 0.33.0 (vllm/config/model.py, _get_and_verify_max_len)"
+SGLANG_SOURCE = "SGLang 0.5.23 (sglang/srt/utils/hf_transformers/common.py, get_context_length)"
+NOT_VERIFIED = "not verified: running vLLM, SGLang, TGI or llama.cpp on the checkpoint"
+
+
+def _serving(rope_type: str, length_note: str = "") -> str:
+    loads = (
+        f"verified by this library's tests on a Llama checkpoint: transformers {TRANSFORMERS5_VERIFIED} and "
+        f"transformers {LEGACY_TRANSFORMERS} (which reads the `rope_scaling` / `rope_theta` mirror config.json also "
+        f"carries) load `rope_type: {rope_type}` as the same model, with equal logits past the original length"
+    )
+    length = (
+        f"; the served length that {VLLM_SOURCE} and {SGLANG_SOURCE} derive from config.json is the extended length "
+        f"(their rule, applied to the saved config){length_note}"
+    )
+    return loads + length + f"; {NOT_VERIFIED}"
+
+
 ENGINE_SUPPORT: dict[str, str] = {
-    "default": "only `rope_theta` changed, so every engine that reads `rope_theta` from config.json (transformers, "
-    "vLLM, SGLang, TGI, llama.cpp's GGUF conversion) runs it as saved",
-    "linear": "`rope_type: linear` is implemented by transformers, vLLM, SGLang, TGI and llama.cpp (GGUF conversion)",
-    "dynamic": "`rope_type: dynamic` (dynamic NTK) is implemented by transformers, vLLM and TGI; llama.cpp has no "
-    "dynamic scaling",
-    "yarn": "`rope_type: yarn` is implemented by transformers, vLLM, SGLang, TGI and llama.cpp (GGUF conversion); "
-    "the serving engines apply it at every length, as transformers does",
-    "llama3": "`rope_type: llama3` is implemented by transformers, vLLM, SGLang, TGI and llama.cpp (GGUF conversion)",
-    "longrope": "`rope_type: longrope` is implemented by transformers and by engines that support Phi-3's LongRoPE "
-    "(vLLM, TGI); llama.cpp reads LongRoPE factors for Phi-3 models only",
+    "default": _serving("default") + " (only `rope_theta` changed)",
+    "linear": _serving(
+        "linear",
+        ", because config.json keeps `max_position_embeddings` at the original length and `factor` extends it, "
+        "as both engines multiply them for linear scaling",
+    ),
+    "dynamic": _serving("dynamic", "; `max_position_embeddings` is the original length, as dynamic types read it"),
+    "yarn": _serving("yarn"),
+    "llama3": _serving("llama3"),
+    "longrope": _serving(
+        "longrope",
+        ", though vLLM's default `max_model_len` for longrope is the top-level `original_max_position_embeddings` "
+        "(its Phi-3 rule): pass `--max-model-len` for the full length",
+    ),
 }
-"""rope_type written to config.json -> which serving engines understand it (as of 2025; check the version you run)."""
+"""rope_type written to config.json -> what the tests verified about its readers (transformers 5 and 4.x load it, the
+served length engines derive from it), with versions; what they did not check is said to be not verified."""

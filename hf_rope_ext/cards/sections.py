@@ -391,6 +391,9 @@ def limitations(saved: SavedModel, template: str, results: Results) -> list[str]
         if meta.get("kind") == "absolute":
             items.append("Serving: the position table itself was resized, so every engine that loads the weights "
                          "runs the extended model as saved.")
+    legacy = meta.get("transformers4")
+    if isinstance(legacy, Mapping) and legacy.get("expressed") is False:
+        items.append(f"transformers 4.x: not expressed in config.json for this model ({legacy.get('reason', '')}).")
     rope = config.get("rope_parameters") or {}
     if isinstance(rope, Mapping) and rope.get("rope_type") == "longrope" and rope.get("short_factor") == rope.get(
             "long_factor") and rope.get("short_factor") is not None:
