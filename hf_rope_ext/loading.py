@@ -82,6 +82,21 @@ def load_config(source: str | os.PathLike) -> Any:
         ) from err
 
 
+def declared_class(config: Any) -> type | None:
+    """The transformers model class named first in ``config.architectures`` (e.g. ``BertModel``), or None when the
+    config names none (or only classes this transformers does not have)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a lazy import that fails (missing optional dependency)
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return None
+
+
 def load_model(
     source: str | os.PathLike,
     *,
@@ -91,8 +106,10 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file (dequantised) or a Hub id.
 
-    ``task``: "causal-lm", "masked-lm", "base" or "auto" (causal LM when the config names one, else the base model).
-    Named aliases: "smollm2" and "minilm" load the offline packages.
+    ``task``: "causal-lm", "masked-lm", "base", "auto" (causal LM when the config names one, else the base model),
+    or "declared": exactly the class the folder declares in ``config.architectures`` (``BertModel`` stays a
+    ``BertModel`` with its pooler; no randomly initialised head is added) -- what re-saving a model needs, so nothing
+    trained is dropped. Named aliases: "smollm2" and "minilm" load the offline packages.
     """
     from transformers import (
         AutoConfig,
@@ -135,13 +152,23 @@ def load_model(
         else:
             config = AutoConfig.from_pretrained(location)
             arch = " ".join(getattr(config, "architectures", None) or [])
-            if task == "causal-lm" or (task == "auto" and "CausalLM" in arch):
+            declared = declared_class(config) if task == "declared" else None
+            if declared is not None:
+                model_classes = [declared]
+            elif task == "declared" and arch:
+                raise ValueError(
+                    f"{source} declares architecture {arch!r}, which this transformers version does not have; "
+                    "upgrade transformers, or edit config.json 'architectures' to a class it has"
+                )
+            elif task == "causal-lm" or (task == "auto" and "CausalLM" in arch):
                 model_classes = [AutoModelForCausalLM]
             elif task == "masked-lm":
                 model_classes = [AutoModelForMaskedLM]
+            elif task not in ("auto", "base", "declared"):
+                raise ValueError(f"unknown task {task!r}; choose one of: auto, declared, causal-lm, masked-lm, base")
             elif task == "auto" and "MaskedLM" in arch:
                 model_classes = [AutoModelForMaskedLM]
-            elif task == "auto":
+            elif task in ("auto", "declared"):
                 model_classes = [AutoModelForCausalLM, AutoModel]
             else:
                 model_classes = [AutoModel]

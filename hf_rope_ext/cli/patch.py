@@ -33,6 +33,17 @@ def _check_out(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} exists and is not empty; give a new or empty folder, or --overwrite")
 
 
+def _save(model, tokenizer, out: str) -> None:
+    """Save into a temporary sibling of ``out``, then swap it in: an ``--overwrite`` leaves none of the old folder's
+    files (a stale shard index, another model's README.md), and a failure while writing leaves the old folder as it
+    was."""
+    from ..training.io import atomic_directory
+
+    with atomic_directory(Path(out).expanduser().resolve()) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local folder, .gguf file, Hub id, or the offline aliases smollm2 / minilm")
 
@@ -40,7 +51,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 def _save_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="new (or empty) folder to save the model and tokenizer in")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--overwrite", action="store_true", help="write into --out even when it holds files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds files (the whole folder is replaced, atomically)")
 
 
 def _patch_args(p: argparse.ArgumentParser) -> None:
@@ -57,10 +69,9 @@ def _patch(args: argparse.Namespace) -> int:
 
     get_method(args.method)  # an unknown method is named before anything else is looked at
     _check_out(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, task="declared")
     patch_model(model, args.method, tokenizer=tokenizer, **patch_kwargs(args))
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    _save(model, tokenizer, args.out)
     info = patch_info(model)
     print(json.dumps({k: info[k] for k in _SHOWN if k in info}, indent=2, default=str))
     print(f"saved to {args.out}")
@@ -78,13 +89,12 @@ def _unpatch(args: argparse.Namespace) -> int:
     from ..loading import load_model
 
     _check_out(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, task="declared")
     info = patch_info(model)
     if not info:
         raise ValueError(f"{args.model} is not extended by hf-rope-ext (its config has no 'hf_rope_ext' entry)")
     unpatch_model(model, tokenizer=tokenizer)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    _save(model, tokenizer, args.out)
     print(f"removed {info['method']} x{info['factor']:g}: context back to {info['original_max_position_embeddings']} "
           f"tokens; saved to {args.out}")
     return 0
