@@ -357,14 +357,40 @@ def save_checkpoint(accelerator: Any, root: Path, state: TrainState, keep: int) 
 
 
 def resume_checkpoint(o: Options, root: Path) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to silently mix a new run into old checkpoints."""
+    """The checkpoint to resume from, or None. Refuses to silently mix a new run into old checkpoints.
+
+    ``--resume true`` takes the newest checkpoint whose files all read back; a broken one (a truncated
+    ``optimizer.bin`` or ``model.safetensors``, say) is named in the log and the previous one is used instead."""
     if isinstance(o.resume, str):
+        problems = io.checkpoint_problems(o.resume)
+        if problems:
+            raise ValueError(
+                f"cannot resume from {o.resume}: {'; '.join(problems)}. Give another checkpoint folder, or "
+                "--resume true for the newest complete one in output_dir"
+            )
         return Path(o.resume)
-    latest = io.latest_checkpoint(root)
+    checkpoints = io.list_checkpoints(root)
+    latest = checkpoints[-1][1] if checkpoints else None
     if o.resume:
         if latest is None:
             logger.warning("resume: no checkpoint in %s yet, starting from scratch", root)
-        return latest
+            return None
+        broken = []
+        for _, path in reversed(checkpoints):
+            problems = io.checkpoint_problems(path)
+            if not problems:
+                if broken:
+                    logger.warning(
+                        "resume: falling back to %s, the newest complete checkpoint; the broken %s will be moved "
+                        "aside (renamed NAME.broken)", path, ", ".join(p.name for p in broken),
+                    )
+                return path
+            logger.warning("resume: checkpoint %s is broken: %s", path, "; ".join(problems))
+            broken.append(path)
+        raise ValueError(
+            f"no checkpoint in {root} can be resumed from; every one has a broken file (see the warnings above). "
+            "Start again with --overwrite true"
+        )
     if latest is not None and not o.overwrite:
         raise ValueError(
             f"{root} already holds checkpoints (latest {latest.name}); pass --resume true to continue "
@@ -596,6 +622,14 @@ def setup(o: Options) -> Setup:
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(yaml.safe_dump(asdict(o), sort_keys=False))
+        if resumed_from is not None and o.resume is True:
+            for _, path in io.list_checkpoints(out / "checkpoints"):
+                if path.name > resumed_from.name:  # newer than the one resumed: broken (names are zero-padded)
+                    # out of the way of pruning and of the next resume, but kept for the user to look at
+                    aside = path.with_name(f"{path.name}.broken")
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    os.replace(path, aside)
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     skeleton = meta_copy(model) if sharded and accelerator.is_main_process else None
@@ -616,7 +650,10 @@ def setup(o: Options) -> Setup:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = o.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed_from is not None:
-        accelerator.load_state(str(resumed_from))
+        try:
+            accelerator.load_state(str(resumed_from))
+        except Exception as err:  # a fault the file checks cannot see: name the checkpoint, keep the cause
+            raise ValueError(f"could not load checkpoint {resumed_from}: {type(err).__name__}: {err}") from err
         logger.info("resumed from %s at step %d", resumed_from, state.step)
     eval_kwargs = {
         "objective": plan.objective,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,7 @@ def atomic_directory(final: str | os.PathLike, *, enabled: bool = True) -> Itera
     if not enabled:
         yield tmp
         return
+    recover_directory(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -38,9 +42,18 @@ def atomic_directory(final: str | os.PathLike, *, enabled: bool = True) -> Itera
     replace_directory(tmp, final)
 
 
+def recover_directory(final: Path) -> Path:
+    """Put back ``final`` from its moved-aside copy when a swap died between its two renames (``final`` missing,
+    ``.final.old`` complete: the only copy). Returns the moved-aside path."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+    return old
+
+
 def replace_directory(src: Path, final: Path) -> None:
     """Move ``src`` to ``final``; an existing ``final`` is moved aside first and deleted after the swap."""
-    old = final.with_name(f".{final.name}.old")
+    old = recover_directory(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -77,3 +90,57 @@ def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
         return
     for _, path in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read back, or None: an empty file, a truncated ``.safetensors`` (its header
+    promises more bytes than the file has), a truncated ``torch.save`` zip archive (no central directory, or an entry
+    past the end). Reads headers only, never the tensors."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return f"truncated: {size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"truncated: {size} bytes, its header alone needs {8 + n}"
+            try:
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                return f"unreadable safetensors header ({err})"
+            if 8 + n + end > size:
+                return f"truncated: {size} bytes, its header says {8 + n + end}"
+            return None
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    if info.header_offset + info.compress_size > size:
+                        return f"truncated: entry {info.filename} runs past the end ({size} bytes)"
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"truncated or corrupt torch file ({err})"
+    return None
+
+
+def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
+    """``"path: what is wrong"`` for each unreadable file of a checkpoint folder (truncated weights or optimizer
+    state, an unparsable ``trainer_state.json``); empty when it looks complete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: not a folder"]
+    problems = []
+    marker = folder / COMPLETE_MARKER
+    try:
+        json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        problems.append(f"{marker}: unreadable ({err})")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path != marker:
+            problem = file_problem(path)
+            if problem:
+                problems.append(f"{path}: {problem}")
+    return problems
