@@ -127,8 +127,8 @@ def test_out_is_never_overwritten_unasked(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main(["patch", str(base), "--method", "linear", "--factor", "2", "--out", str(base)]) == 2
     assert "being read" in capsys.readouterr().err
-    assert main([*argv, "--overwrite"]) == 0
-    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+    assert main([*argv, "--overwrite"]) == 0  # asked: the folder is replaced as a whole (issue 14, item 6)
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
 
 
 def test_plot_wavelengths_reads_the_config_only(tmp_path):

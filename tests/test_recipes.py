@@ -291,7 +291,9 @@ def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, text
     assert max(int(b["position_ids"].max()) for b in seen) >= 128  # ... while positions reach far beyond 64
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.summary.loss_curve)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config["max_position_embeddings"] == 256
+    # linear is saved the way serving engines read it (issue 13): original length x rope_scaling factor = the target
+    assert config["max_position_embeddings"] * config["rope_scaling"]["factor"] == 256
+    assert config["hf_rope_ext"]["max_position_embeddings"] == 256
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -792,3 +794,12 @@ def test_attention_level_methods_are_refused_with_pose_or_s2attn(ft):
         o = ft.Options(model="x", method="dca", factor=2, output_dir="out", **extra)
         with pytest.raises(ValueError, match=f"attention-level method 'dca' cannot be combined with {what}"):
             ft.check_options(o, check_data=False)
+
+
+def test_method_params_of_the_wrong_type_are_refused_before_the_model_loads(ft, tmp_path):
+    """`method_params: {truncate: "no"}` in a YAML: refused by check_options, before anything is loaded or written."""
+    o = ft.Options(model=str(tmp_path / "not-loaded"), method="yarn", factor=2, output_dir=str(tmp_path / "out"),
+                   data=["builtin:pydoc"], method_params={"truncate": "no"})
+    with pytest.raises(ValueError, match="truncate"):
+        ft.check_options(o)
+    assert not (tmp_path / "out").exists()

@@ -404,6 +404,7 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
         raise ValueError(
             f"unknown method_params {unknown} for method '{spec.name}'; valid: {', '.join(valid) or 'none'}"
         )
+    registry.check_param_types(spec.name, spec.params_cls, o.method_params)  # types and finiteness, before loading
     if spec.kind == "attention" and (o.pose or o.s2attn):
         raise ValueError(
             f"attention-level method '{spec.name}' cannot be combined with "
