@@ -14,24 +14,14 @@ from hf_rope_ext.cli import main
 
 from .conftest import ORIGINAL_LEN, tiny_config, tiny_model
 from .model_folders import tiny_tokenizer
-
-
-def snapshot(model):
-    return (
-        copy.deepcopy(model.config.to_dict()),
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: b.clone() for n, b in model.named_buffers()},
-    )
+from .utils import assert_unchanged as _assert_unchanged
+from .utils import snapshot
 
 
 def assert_unchanged(model, snap):
-    config, state, buffers = snap
-    assert model.config.to_dict() == config
+    """Exactly as before, and no patch record."""
+    _assert_unchanged(model, snap)
     assert patch_info(model) is None
-    assert set(model.state_dict()) == set(state)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert {n for n, _ in model.named_buffers()} == set(buffers)
-    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
 
 def _saved_llama(folder):

@@ -3,7 +3,6 @@ process WITHOUT the plugin (identical logits), unpatch restores the original exa
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -14,7 +13,7 @@ from hf_rope_ext import families, patch_info, patch_model, unpatch_model
 from hf_rope_ext.registry import method_names
 
 from .conftest import ORIGINAL_LEN, ROPE_FAMILY_CONFIGS, VOCAB, tiny_model
-from .utils import reload_logits_many, run_python
+from .utils import assert_unchanged, reload_logits_many, run_python, snapshot
 
 FACTOR = 4
 NATIVE = ["extrapolate", "linear", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn", "llama3", "longrope"]
@@ -190,21 +189,6 @@ def test_custom_method_through_the_registry_saves_natively(llama, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
-
-
-def snapshot(model):
-    return (
-        copy.deepcopy(model.config.to_dict()),
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: b.clone() for n, b in model.named_buffers()},
-    )
-
-
-def assert_unchanged(model, snap):
-    config, state, buffers = snap
-    assert model.config.to_dict() == config
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
 
 @pytest.mark.parametrize(

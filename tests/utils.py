@@ -70,3 +70,24 @@ def reload_logits_many(
 def reload_outputs(path: str | Path, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """``reload_logits_many`` for one saved model (its files stay as they were)."""
     return reload_logits_many([str(path)], input_ids, path, **kwargs)[str(path)]
+
+
+def snapshot(model: torch.nn.Module) -> tuple:
+    """Config dict, state dict and buffers of ``model``, copied: compare with :func:`assert_unchanged`."""
+    import copy
+
+    return (
+        copy.deepcopy(model.config.to_dict()),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: b.clone() for n, b in model.named_buffers()},
+    )
+
+
+def assert_unchanged(model: torch.nn.Module, snap: tuple) -> None:
+    """``model`` exactly as when ``snap = snapshot(model)`` was taken: config, every tensor, every buffer."""
+    config, state, buffers = snap
+    assert model.config.to_dict() == config
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n for n, _ in model.named_buffers()} == set(buffers)
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
