@@ -15,11 +15,31 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from . import card, demo, eval, finetune, methods, patch, plot, push  # noqa: F401  (each registers its subcommands)
-from ._common import SUBCOMMANDS, add_patch_arguments, add_verbose, parse_params, parse_value, patch_kwargs, subcommand
+from ._common import (
+    SUBCOMMANDS,
+    CliParser,
+    RuntimeFailure,
+    UsageError,
+    add_patch_arguments,
+    add_verbose,
+    exit_code,
+    one_line,
+    parse_params,
+    parse_value,
+    patch_kwargs,
+    subcommand,
+)
 
-__all__ = ["main", "build_parser", "subcommand", "add_patch_arguments", "patch_kwargs", "parse_params", "parse_value"]
+__all__ = ["main", "build_parser", "subcommand", "add_patch_arguments", "patch_kwargs", "parse_params", "parse_value",
+           "UsageError", "RuntimeFailure", "EXIT_USAGE", "EXIT_FAILURE"]
+
+EXIT_USAGE = 2
+"""Exit status of a usage error: a bad option, value, path or input file (argparse's own status for bad options)."""
+EXIT_FAILURE = 1
+"""Exit status of a valid command that failed while running (out of memory, a write that failed, a bug)."""
 
 
 def _version() -> str:
@@ -34,7 +54,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="hf-rope-ext",
         description="Extend the context window of HF transformer models.",
         epilog="run `hf-rope-ext COMMAND --help` for a command's options and examples\n\n"
@@ -62,7 +82,11 @@ def _recipe_passthrough(argv: list[str]) -> tuple[list[str], list[str]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status: 0 done, 2 a usage error (bad option, value, path or input file;
+    also what argparse exits with), 1 a failure while running, 130 interrupted. Every error is ONE line on stderr,
+    ``error: ...``; the traceback only with ``-v``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
     parser = build_parser()
     passthrough = _recipe_passthrough(argv)
     if passthrough is not None:
@@ -70,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe_args = passthrough[1]
     else:
         args = parser.parse_args(argv)
+    verbose = verbose or bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (every failure ends as one line; -v shows where)
+        code = exit_code(err)
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose or code == EXIT_USAGE else " (run again with -v for the traceback)"
+        print(f"error: {one_line(err)}{hint}", file=sys.stderr)
+        return code

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..registry import parse_param_items, parse_param_value
 
@@ -17,6 +17,46 @@ SUBCOMMANDS: dict[
 ] = {}
 
 parse_value = parse_param_value  # the one ``--param`` value rule (JSON when it parses, else the string)
+
+
+class UsageError(ValueError):
+    """The command cannot run as given: a bad option value, path or input file. Exit status 2 (as argparse's).
+
+    Library functions raise ``ValueError`` / ``FileNotFoundError`` for bad input; both count as usage errors too."""
+
+
+class RuntimeFailure(RuntimeError):
+    """The command was valid but failed while running (a write that failed, a model that cannot run). Exit status 1."""
+
+
+_USAGE_TYPES = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def exit_code(err: BaseException) -> int:
+    """2 for a usage error (``UsageError``, ``ValueError``, a missing or wrong path), 1 for any other failure."""
+    if isinstance(err, RuntimeFailure):
+        return 1
+    return 2 if isinstance(err, _USAGE_TYPES) else 1
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: whitespace (newlines of a multi-line message) collapsed; an exception type the library
+    does not raise on purpose (a bug, or an error from deep inside a dependency) keeps its type name."""
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = repr(err.args[0])
+    if isinstance(err, (UsageError, RuntimeFailure)) or (exit_code(err) == 2 and text):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``PROG: error: MESSAGE (see PROG --help)`` on stderr, exit status 2 (no usage
+    block: ``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
 
 def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
                example: str | None = None):
