@@ -164,6 +164,11 @@ class Options:
         None, "accelerate mixed precision (autocast); default: what `accelerate launch` / its config says, else no."
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    loss_chunk: int = opt(
+        2048,
+        "Next-token loss: positions per chunk of logits (built one chunk at a time, recomputed in backward, so "
+        "[tokens, vocab] logits never exist); 0: the model's own loss over full logits.",
+    )
 
     # --- run
     output_dir: str | None = opt(None, "Run folder: checkpoints/, model/, run_config.yaml. Required.")
@@ -417,7 +422,7 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
     for name in at_least_one:
         if getattr(o, name) < 1:
             raise ValueError(f"option {name} must be >= 1, got {getattr(o, name)}")
-    for name in ("save_every", "keep_checkpoints", "warmup_steps", "eval_chunks"):
+    for name in ("save_every", "keep_checkpoints", "warmup_steps", "eval_chunks", "loss_chunk"):
         if getattr(o, name) < 0:
             raise ValueError(f"option {name} must be >= 0, got {getattr(o, name)}")
     if not o.lr > 0:

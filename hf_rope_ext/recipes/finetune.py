@@ -50,6 +50,7 @@ from hf_rope_ext import patch_info, patch_model
 from hf_rope_ext.loading import load_model
 from hf_rope_ext.training import adapters, data, io, pose, s2attn
 from hf_rope_ext.training.heldout import heldout_perplexity
+from hf_rope_ext.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 from hf_rope_ext.training.summary import TrainingSummary
 
 from .config import (  # noqa: F401  (the recipe's options; build_parser/options_from_dict re-exported for scripts)
@@ -480,6 +481,8 @@ class Setup:
     out: Path
     skeleton: Any = None
     """Sharded engines, main process: :func:`meta_copy` of the patched model, the frame of the final model."""
+    loss_chunk: int = 0
+    """Positions per chunk of the chunked next-token loss (:mod:`hf_rope_ext.training.loss`); 0: the model's own."""
 
 
 @dataclass
@@ -561,6 +564,20 @@ def load_data(o: Options, plan: Plan, tokenizer: Any, accelerator: Any) -> tuple
         plan.target_length,
     )
     return train_chunks, eval_chunks
+
+
+def chunked_loss_size(o: Options, plan: Plan, model: Any, sharded: bool) -> int:
+    """Positions per chunk of the next-token loss, or 0 where the model's own loss is used (masked objective,
+    ``loss_chunk: 0``, a parameter-sharded engine, a head the chunked loss does not reproduce; the reason is
+    logged)."""
+    if o.loss_chunk == 0 or plan.objective != "causal":
+        return 0
+    reason = "FSDP / DeepSpeed shard the head's weight outside the forward" if sharded else None
+    reason = reason or supports_chunked_loss(model)
+    if reason is not None:
+        logger.info("loss over full logits (chunked loss off: %s)", reason)
+        return 0
+    return o.loss_chunk
 
 
 def setup(o: Options) -> Setup:
@@ -648,6 +665,8 @@ def setup(o: Options) -> Setup:
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader goes through prepare()
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = o.batch_size
+    loss_chunk = chunked_loss_size(o, plan, model, accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                     DistributedType.DEEPSPEED))
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed_from is not None:
         try:
@@ -665,7 +684,7 @@ def setup(o: Options) -> Setup:
     }
     return Setup(
         o, accelerator, model, tokenizer, plan, optimizer, params, train_chunks, eval_chunks, eval_kwargs, state,
-        resumed_from, out, skeleton,
+        resumed_from, out, skeleton, loss_chunk,
     )
 
 
@@ -706,7 +725,11 @@ def train(s: Setup) -> RunResult | None:
                 batch = make_batch(s.train_chunks, indices, o, plan, s.tokenizer, gen)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(s.model):
-                    loss = s.model(**batch, use_cache=False).loss
+                    if s.loss_chunk:  # never [tokens, vocab] logits (long sequences)
+                        labels = batch.pop("labels")
+                        loss = chunked_causal_lm_loss(s.model, labels, chunk=s.loss_chunk, **batch)
+                    else:
+                        loss = s.model(**batch, use_cache=False).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and o.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(s.params, o.max_grad_norm)
