@@ -11,8 +11,12 @@ from . import serialization as _serialization  # noqa: E402
 from .backends import attention_kernel as _attention_kernel  # noqa: E402
 from .patching import freeze_rope_length, patch_info, patch_model, unpatch_model  # noqa: E402
 from .registry import list_methods, register_method  # noqa: E402
+from .search import SearchResult, apply_search_result, search_rope_factors  # noqa: E402
 
 _serialization.register_all()
 _attention_kernel.register()  # attn_implementation "hf_rope_ext" / "hf_rope_ext_eager"
 
-__all__ = ["patch_model", "unpatch_model", "patch_info", "list_methods", "register_method", "freeze_rope_length"]
+__all__ = [
+    "patch_model", "unpatch_model", "patch_info", "list_methods", "register_method", "freeze_rope_length",
+    "search_rope_factors", "apply_search_result", "SearchResult",
+]

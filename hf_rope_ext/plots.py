@@ -341,6 +341,55 @@ def plot_rope_wavelengths(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# LongRoPE factor search
+
+
+def _search_dict(result: Any) -> dict[str, Any]:
+    """A ``SearchResult``, its dict, or the path of its ``search.json``."""
+    if isinstance(result, (str, Path)):
+        import json
+
+        result = json.loads(Path(result).read_text(encoding="utf-8"))
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    if not isinstance(result, Mapping) or "factors" not in result or "best_by_generation" not in result:
+        raise ValueError("plot_search needs a SearchResult, its dict or a search.json written by search_rope_factors")
+    return dict(result)
+
+
+def plot_search(result: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Two panels of a LongRoPE factor search (``hf_rope_ext.search``): the best per-dimension divisors against
+    PI's, NTK's and YaRN's at the same scale (searched dimensions shaded), and the best score so far per generation.
+    ``result``: a ``SearchResult``, its dict, or the path of a ``search.json``."""
+    from .search import seed_factors
+
+    data = _search_dict(result)
+    factor, dims = float(data["factor"]), list(range(len(data["factors"])))
+    seeds = seed_factors(int(data["rotary_dim"]), float(data["base"]), int(data["original_length"]), factor)
+    fig, (top, bottom) = _figure(9.0, 7.5, 2, 1)
+    for name, style in (("pi", ":"), ("ntk", "--"), ("yarn", "-.")):
+        top.plot(dims, seeds[name], linestyle=style, label={"pi": "PI (linear)", "ntk": "NTK", "yarn": "YaRN"}[name])
+    top.plot(dims, data["factors"], color="black", marker="o", markersize=3, linewidth=2, label="searched (best)")
+    searched = data.get("searched_dims") or []
+    if searched and len(searched) < len(dims):
+        top.axvspan(searched[0] - 0.5, searched[-1] + 0.5, color="orange", alpha=0.1, linewidth=0,
+                    label="searched dimensions")
+    top.axhline(1.25 * factor, color="grey", linewidth=1, linestyle="--")
+    top.set_xlabel("dimension pair i (0 = highest frequency)")
+    top.set_ylabel("divisor λ_i = θ_i / θ'_i")
+    top.set_title(title or f"LongRoPE search: s = {factor:g}, {data['original_length']} → {data['target_length']} "
+                           f"tokens, objective {data['objective']}")
+    top.legend(fontsize=8)
+    top.grid(True, alpha=0.3)
+    scores = data["best_by_generation"]
+    bottom.plot(range(len(scores)), scores, marker="o")
+    bottom.set_xlabel("generation (0 = initial population)")
+    bottom.set_ylabel(f"best {data['objective']} NLL so far (nats)")
+    bottom.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # learned position tables
 
 
@@ -402,6 +451,7 @@ __all__ = [
     "plot_position_similarity",
     "plot_retrieval_heatmap",
     "plot_rope_wavelengths",
+    "plot_search",
     "position_similarity",
     "position_table",
     "rope_geometry",

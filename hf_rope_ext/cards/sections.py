@@ -109,7 +109,37 @@ def parameters_table(saved: SavedModel, spec: Any) -> str:
     ]
     for name, value in (meta.get("parameters") or {}).items():
         rows.append((name, "None (method default)" if value is None else fmt_value(value), docs.get(name, "")))
-    return table(["parameter", "value", "meaning"], [(f"`{n}`", v, d) for n, v, d in rows])
+    text = table(["parameter", "value", "meaning"], [(f"`{n}`", v, d) for n, v, d in rows])
+    search = search_paragraph(meta.get("search"))
+    return f"{text}\n\n{search}" if search else text
+
+
+def search_paragraph(search: Any) -> str:
+    """How the factors were found, from ``hf_rope_ext["search"]`` (written by ``hf_rope_ext.apply_search_result``):
+    objective, evaluations, texts, and the validation figures. Empty when the model was not searched."""
+    if not isinstance(search, Mapping):
+        return ""
+    dims = search.get("searched_dims") or []
+    dims_text = f"dimensions {dims[0]}–{dims[-1]}" if dims else "all dimensions"
+    lines = [
+        f"The per-dimension factors were found by LongRoPE's evolutionary search "
+        f"([Ding et al. 2024]({search.get('paper', 'https://arxiv.org/abs/2402.13753')})) with hf-rope-ext: "
+        f"objective `{search.get('objective')}` at {search.get('eval_length')} tokens on "
+        f"{', '.join(f'`{t}`' for t in search.get('texts') or []) or 'the search texts'}, "
+        f"{search.get('evaluations')} evaluations ({fmt_duration(float(search.get('seconds') or 0))}), seed "
+        f"{search.get('seed')}, {dims_text} searched; best NLL {float(search.get('score_nll', float('nan'))):.4f}."
+    ]
+    rows = search.get("validation") or []
+    if rows:
+        lines.append("")
+        lines.append("Validation on texts not used in the search (perplexity, lower is better):")
+        lines.append("")
+        lines.append(table(
+            ["text", "method", "length", "PPL whole window", "PPL past the original length"],
+            [(f"`{r.get('text')}`", r.get("method"), r.get("length"), fmt_ppl(r.get("ppl_window")),
+              fmt_ppl(r.get("ppl_beyond"))) for r in rows],
+        ))
+    return "\n".join(lines)
 
 
 _POSITION_CONFIG_KEYS = (

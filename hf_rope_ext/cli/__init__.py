@@ -8,6 +8,7 @@
     card.py      hf-rope-ext card
     push.py      hf-rope-ext push
     finetune.py  hf-rope-ext finetune | recipes list|cp
+    search.py    hf-rope-ext search (LongRoPE factor search)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import sys
 import traceback
 
-from . import card, demo, eval, finetune, methods, patch, plot, push  # noqa: F401  (each registers its subcommands)
+from . import card, demo, eval, finetune, methods, patch, plot, push, search  # noqa: F401  (each registers its subcommands)
 from ._common import (
     SUBCOMMANDS,
     CliParser,
