@@ -1,0 +1,184 @@
+"""Benchmark: LongRoPE factor search on the real SmolLM2-135M (trained at 8192 tokens) at 16k tokens (factor 2).
+
+Usage::
+
+    # the full CPU measurement (issue 11; ~60 minutes of search + ~25 minutes of validation on 2 cores), resumable:
+    nohup nice -n 10 python benchmarks/bench_search.py --budget 40 --minutes 60 --proxy-length 16384 \\
+        > /tmp/bench_search.log 2>&1 &
+    # a smoke run (two evaluations at a 9216-token proxy, no validation: ~3-6 minutes):
+    python benchmarks/bench_search.py --budget 2 --proxy-length 9216 --no-validation --no-control \\
+        --out /tmp/search_smoke.json
+    python benchmarks/bench_search.py --report-only        # the markdown table from the JSON already written
+
+Stages, each resumable (``--out`` is rewritten after each; the search's own log, ``<out>_log.jsonl``, lets a killed
+search continue without redoing evaluations):
+
+1. Search (``hf_rope_ext.search_rope_factors``): objective ``--objective`` (default ``beyond``: NLL of the tokens past
+   8192) on one window of ``--search-text`` (default ``builtin:pydoc`` from token 60000, a stretch the validation
+   does not use), evaluated at ``--proxy-length`` tokens, ``--budget`` evaluations and/or ``--minutes``.
+2. Validation at 16384 tokens on texts the search did not see: the window of benchmarks/RESULTS.md §1
+   (``builtin:pydoc`` from token 20000) and ``builtin:stdlib`` from token 0: whole-window perplexity and perplexity of
+   positions 8k-16k, for the searched factors and for stock ``yarn`` (the same factor).
+3. The control: the *unpatched* model reading positions 8k-16k of each validation window with its own 8k window
+   sliding by 2k (each 2k bucket scored as the last 2048 tokens of the 8192-token window ending with it), as in
+   benchmarks/bench_attention.py.
+
+Writes ``benchmarks/results/search_16k_cpu.json`` (with the search's every candidate) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ORIGINAL = 8192
+LENGTH = 16384
+VALIDATION = (("builtin:pydoc", 20000), ("builtin:stdlib", 0))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=int, default=40, help="evaluations (default 40)")
+    p.add_argument("--minutes", type=float, default=None, help="search time limit in minutes")
+    p.add_argument("--proxy-length", type=int, default=LENGTH, help="search window (default 16384)")
+    p.add_argument("--objective", choices=["beyond", "window", "needle"], default="beyond")
+    p.add_argument("--search-text", default="builtin:pydoc")
+    p.add_argument("--search-offset", type=int, default=60000)
+    p.add_argument("--attention-factor", default="longrope",
+                   help="longrope (sqrt(1 + ln s / ln L), default), yarn (0.1 ln s + 1) or a number")
+    p.add_argument("--all-dims", action="store_true", help="search every dimension, not only the critical ones")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-validation", action="store_true", help="skip stage 2")
+    p.add_argument("--no-control", action="store_true", help="skip stage 3")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "search_16k_cpu.json")
+    p.add_argument("--report-only", action="store_true", help="no measurement: print the table from the JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
+
+
+def report(state: dict) -> str:
+    search = state.get("search") or {}
+    lines = []
+    if search:
+        lines += [
+            f"Search: objective `{search['objective']}` at {search['eval_length']} tokens on "
+            f"{', '.join(search['texts'])}; {search['evaluations']} evaluations in {search['seconds'] / 60:.1f} min "
+            f"({search['seconds'] / max(1, search['evaluations'] - search['resumed_evaluations']):.0f} s each incl. "
+            f"patching; stopped by {search['stopped']}); dimensions {search['searched_dims'][0]}–"
+            f"{search['searched_dims'][-1]} searched; best NLL {search['score']:.4f} "
+            f"(seeds: " + ", ".join(f"{c['origin'].split(':')[1]} {c['score']:.4f}" for c in search["candidates"]
+                                    if c["origin"].startswith("seed")) + ").",
+            "",
+            "Best factors: " + ", ".join(f"{x:.3g}" for x in search["factors"]),
+            "",
+        ]
+    rows = state.get("validation") or []
+    control = state.get("control") or {}
+    if rows or control:
+        lines += ["| text (16384 tokens) | method | PPL 0–16k | PPL 8k–16k | vs yarn (0–16k) |",
+                  "|---|---|---:|---:|---:|"]
+        yarn = {r["text"]: r for r in rows if r["method"] == "yarn"}
+        for r in rows:
+            base = yarn.get(r["text"])
+            vs = (f"{100 * (r['ppl_window'] / base['ppl_window'] - 1):+.1f} %" if base and r is not base else "–")
+            lines.append(f"| {r['text']} | {r['method']} | {fmt(r['ppl_window'])} | {fmt(r['ppl_beyond'])} | {vs} |")
+        for text, c in control.items():
+            lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(c['ppl_8k_16k'])} | – |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.report_only:
+        if not state:
+            print(f"no results at {args.out}", file=sys.stderr)
+            return 1
+        print(report(state))
+        return 0
+
+    import torch
+
+    from hf_rope_ext import search_rope_factors
+    from hf_rope_ext.eval.perplexity import token_nll
+    from hf_rope_ext.eval.text import load_text, tokenize
+    from hf_rope_ext.loading import load_model
+    from hf_rope_ext.methods._rope_base import yarn_attention_factor
+
+    def save() -> None:
+        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": LENGTH,
+                         "factor": LENGTH / ORIGINAL, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else argv,
+                         "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(state, indent=1))
+
+    factor = LENGTH / ORIGINAL
+    attention = {"longrope": None, "yarn": yarn_attention_factor(factor)}.get(args.attention_factor)
+    if attention is None and args.attention_factor != "longrope":
+        attention = float(args.attention_factor)
+    model, tok = load_model("smollm2", dtype=args.dtype)
+    model.eval()
+    search_ids = tokenize(tok, load_text(args.search_text))
+    validation = []
+    for source, offset in ([] if args.no_validation else VALIDATION):
+        text = load_text(source).text
+        ids = tokenize(tok, text if source != "builtin:stdlib" else text[:400_000])  # stdlib: only its start is needed
+        validation.append((f"{source}@{offset}", ids[offset : offset + LENGTH]))
+
+    log = args.out.with_name(args.out.stem + "_log.jsonl")
+    t0 = time.perf_counter()
+    result = search_rope_factors(
+        model, tok, factor, [search_ids[args.search_offset : args.search_offset + args.proxy_length]],
+        budget=args.budget, max_minutes=args.minutes, objective=args.objective, seed=args.seed,
+        proxy_length=args.proxy_length, critical_only=not args.all_dims, attention_factor=attention,
+        validation_texts=[ids for _, ids in validation], validation_baselines=["yarn"] if validation else [],
+        log_path=log, resume=log.exists(), progress=not args.no_progress,
+    )
+    names = {f"validation_texts[{i}]": name for i, (name, _) in enumerate(validation)}
+    for r in result.validation:
+        r["text"] = names.get(r["text"], r["text"])
+    data = result.to_dict()
+    data["texts"] = [f"{args.search_text}@{args.search_offset}"]
+    state["search"] = data
+    state["validation"] = result.validation
+    print(f"search + validation: {time.perf_counter() - t0:.0f} s; best NLL {result.score:.4f}", flush=True)
+    save()
+
+    if not args.no_control:
+        control = state.setdefault("control", {})
+        for name, window in validation:
+            if name in control:
+                continue
+            buckets = []
+            for start in range(ORIGINAL, LENGTH, 2048):
+                piece = window[start + 2048 - ORIGINAL : start + 2048][None]  # the 8192 tokens ending with the bucket
+                with torch.inference_mode():
+                    nll = token_nll(model, piece, first_scored=ORIGINAL - 2048)[0, ORIGINAL - 2048 :]
+                buckets.append({"start": start, "tokens": int(nll.numel()), "nll": float(nll.double().mean())})
+            tokens = sum(b["tokens"] for b in buckets)
+            control[name] = {"ppl_8k_16k": math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / tokens),
+                             "buckets": [{**b, "perplexity": math.exp(b["nll"])} for b in buckets]}
+            print(f"[control] {name}: {control[name]['ppl_8k_16k']:.2f}", flush=True)
+            save()
+    print(report(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
