@@ -151,9 +151,11 @@ def report(state: dict) -> str:
         lines += [f"Control (unpatched, 8k sliding window over positions 8k–{LENGTH // 1024}k): **{fmt(control['ppl_8k_16k'])}** "
                   f"(buckets {', '.join(fmt(b['perplexity']) for b in control['buckets'])})", ""]
     k = LENGTH // 1024
-    lines += [f"| config | PPL 0–{k}k | PPL 8k–{k}k | vs control | " + " | ".join(f"{b // 1024}k" for b in range(0, LENGTH, 2048))
-              + " | prefill s | × none | peak extra MiB |",
-              "|---|---|---|---|" + "---|" * (LENGTH // 2048) + "---|---|---|"]
+    if state["configs"]:
+        lines += [f"| config | PPL 0–{k}k | PPL 8k–{k}k | vs control | "
+                  + " | ".join(f"{b // 1024}k" for b in range(0, LENGTH, 2048))
+                  + " | prefill s | × none | peak extra MiB |",
+                  "|---|---|---|---|" + "---|" * (LENGTH // 2048) + "---|---|---|"]
     for name, r in state["configs"].items():
         vs = (f"{r['ppl_8k_16k'] - control['ppl_8k_16k']:+.2f}" if control else "–")
         ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "–"
@@ -179,12 +181,12 @@ def report(state: dict) -> str:
             totals[name] = (c + r["correct"], t + r["total"])
         lines += [""] + [f"Passkey at {LENGTH // 1024}k, {name}: {c}/{t} keys over all depths" for name, (c, t) in totals.items()]
     if state.get("passkey_window_control"):
-        lines += ["", f"| unpatched, last {ORIGINAL} tokens of the same prompts: depth | key in view | keys correct | "
+        lines += ["" if lines else None, f"| unpatched, last {ORIGINAL} tokens of the same prompts: depth | key in view | keys correct | "
                       "answers (expected->generated) |", "|---|---|---|---|"]
         for depth, r in state["passkey_window_control"].items():
             view = "/".join("yes" if v else "no" for v in r["key_in_view"])
             lines.append(f"| {depth} | {view} | {r['correct']}/{r['total']} | {', '.join(r['outputs'])} |")
-    return "\n".join(lines)
+    return "\n".join(x for x in lines if x is not None)
 
 
 def main(argv: list[str] | None = None) -> int:

