@@ -8,6 +8,7 @@
     card.py      hf-rope-ext card
     push.py      hf-rope-ext push
     finetune.py  hf-rope-ext finetune | recipes list|cp
+    export.py    hf-rope-ext export (GGUF for llama.cpp)
     search.py    hf-rope-ext search (LongRoPE factor search)
 """
 
@@ -18,7 +19,7 @@ import logging
 import sys
 import traceback
 
-from . import card, demo, eval, finetune, methods, patch, plot, push, search  # noqa: F401  (each registers its subcommands)
+from . import card, demo, eval, export, finetune, methods, patch, plot, push, search  # noqa: F401  (each registers its subcommands)
 from ._common import (
     SUBCOMMANDS,
     CliParser,
@@ -90,16 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     verbose = any(a in ("-v", "--verbose") for a in argv)
     parser = build_parser()
     passthrough = _recipe_passthrough(argv)
-    try:
-        if passthrough is not None:
-            args = parser.parse_args([*passthrough[0], "finetune"])
-            args.recipe_args = passthrough[1]
-        else:
-            args = parser.parse_args(argv)
-    except SystemExit as done:  # --help / --version exit as argparse does; a usage error returns its status
-        if done.code in (0, None):
-            raise
-        return int(done.code) if isinstance(done.code, int) else EXIT_USAGE
+    if passthrough is not None:
+        args = parser.parse_args([*passthrough[0], "finetune"])
+        args.recipe_args = passthrough[1]
+    else:
+        args = parser.parse_args(argv)
     verbose = verbose or bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

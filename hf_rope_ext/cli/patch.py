@@ -12,7 +12,8 @@ from ._common import add_patch_arguments, patch_kwargs, subcommand
 PATCH_EXAMPLE = """examples:
   hf-rope-ext patch smollm2 --method yarn --factor 2 --out out/smollm2-yarn-16k
   hf-rope-ext patch smollm2 --method dca --factor 2 --param chunk_size=6144 --out out/smollm2-dca-16k
-  hf-rope-ext patch out/smollm2-yarn-16k --method ntk --factor 4 --repatch --out out/smollm2-ntk-32k"""
+  hf-rope-ext patch out/smollm2-yarn-16k --method ntk --factor 4 --repatch --out out/smollm2-ntk-32k
+  hf-rope-ext patch model.gguf --method yarn --factor 2 --out model-yarn-16k.gguf   (GGUF: rope metadata only)"""
 
 UNPATCH_EXAMPLE = """example:
   hf-rope-ext unpatch out/smollm2-yarn-16k --out out/smollm2-original"""
@@ -68,6 +69,8 @@ def _patch(args: argparse.Namespace) -> int:
     from ..registry import get_method
 
     get_method(args.method)  # an unknown method is named before anything else is looked at
+    if str(args.out).endswith(".gguf"):
+        return _patch_gguf(args)  # GGUF in, GGUF out: see the section at the end of this file
     _check_out(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, task="declared")
     patch_model(model, args.method, tokenizer=tokenizer, **patch_kwargs(args))
@@ -97,4 +100,31 @@ def _unpatch(args: argparse.Namespace) -> int:
     _save(model, tokenizer, args.out)
     print(f"removed {info['method']} x{info['factor']:g}: context back to {info['original_max_position_embeddings']} "
           f"tokens; saved to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- GGUF in, GGUF out
+# (issue 13) an --out ending in .gguf: the input GGUF's rope metadata is rewritten for llama.cpp, tensors untouched
+# (hf_rope_ext.gguf.patch_gguf); a GGUF input with a folder --out still loads and saves a transformers model above.
+
+
+def _patch_gguf(args: argparse.Namespace) -> int:
+    from ..gguf import patch_gguf
+    from ..loading import smollm2_gguf_path
+
+    source = str(smollm2_gguf_path()) if args.model == "smollm2" else str(args.model)
+    if not source.endswith(".gguf"):
+        raise ValueError(f"--out {args.out} is a GGUF file, so the model must be a .gguf file too, got {args.model}; "
+                         "to turn a model folder into a GGUF use `hf-rope-ext export DIR --format gguf --out FILE`")
+    unused = [o for o, v in (("--dtype", args.dtype), ("--layer-types", args.layer_types),
+                             ("--attn-implementation", args.attn_implementation), ("--repatch", args.repatch)) if v]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to a GGUF rewrite (only the rope metadata changes)")
+    kwargs = patch_kwargs(args)
+    result = patch_gguf(source, args.out, args.method, kwargs.pop("factor"),
+                        max_position_embeddings=kwargs.pop("max_position_embeddings"),
+                        original_context_length=kwargs.pop("original_max_position_embeddings"),
+                        overwrite=args.overwrite, **kwargs)
+    print(json.dumps({"rope": result["keys"], "how": result["how"]}, indent=2))
+    print(f"wrote {args.out}")
     return 0
