@@ -91,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     verbose = any(a in ("-v", "--verbose") for a in argv)
     parser = build_parser()
     passthrough = _recipe_passthrough(argv)
-    if passthrough is not None:
-        args = parser.parse_args([*passthrough[0], "finetune"])
-        args.recipe_args = passthrough[1]
-    else:
-        args = parser.parse_args(argv)
+    try:
+        if passthrough is not None:
+            args = parser.parse_args([*passthrough[0], "finetune"])
+            args.recipe_args = passthrough[1]
+        else:
+            args = parser.parse_args(argv)
+    except SystemExit as done:  # --help / --version exit as argparse does; a usage error returns its status
+        if done.code in (0, None):
+            raise
+        return int(done.code) if isinstance(done.code, int) else EXIT_USAGE
     verbose = verbose or bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
