@@ -308,15 +308,15 @@ def bigram_ppl(train: list[int], heldout: list[int], vocab: int) -> dict:
     from itertools import pairwise
 
     def fit(tokens):
-        uni, bi = Counter(tokens), Counter(pairwise(tokens))
+        uni, bi, before = Counter(tokens), Counter(pairwise(tokens)), Counter(tokens[:-1])
         total = len(tokens)
-        return (lambda b: (uni[b] + 1) / (total + vocab)), bi, uni
+        return (lambda b: (uni[b] + 1) / (total + vocab)), bi, before
 
     def nll(tokens, model, lam):
-        p_uni, bi, uni = model
+        p_uni, bi, before = model  # before[a]: how often a is followed by something
         out = -math.log(p_uni(tokens[0]))
         for a, b in pairwise(tokens):
-            p_bi = bi[(a, b)] / uni[a] if uni[a] else 0.0
+            p_bi = bi[(a, b)] / before[a] if before[a] else 0.0
             out -= math.log(lam * p_bi + (1 - lam) * p_uni(b))
         return out / len(tokens)
 

@@ -1,7 +1,9 @@
-"""The benchmark scripts parse their arguments and print usage (`--help`); the benchmarks themselves never run here."""
+"""The benchmark scripts parse their arguments and print usage (`--help`), and the baselines they compute match
+hand-computed references on toy inputs; the benchmarks themselves never run here."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ SCRIPTS = [
     "benchmarks/bench_finetune_cost.py",
     "benchmarks/bench_attention.py",
     "scripts/train_testbed.py",
+    "scripts/bench_minilm_retrieval.py",
 ]
 
 
@@ -38,3 +41,76 @@ def test_zero_shot_plans() -> None:
     gpu = z.parse_args(["--device", "cuda"])
     assert max(gpu.lengths) == 32768 and gpu.factor == 4 and gpu.longrope_from == "yarn"
     assert "longrope" not in z.default_methods("none") and "longrope" in z.default_methods("yarn")
+
+
+def _load(path: str):
+    import importlib.util
+
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bigram_baseline_by_hand() -> None:
+    """An alternating stream 0 1 0 1 ...: the bigram is certain of the next token, so the deleted-interpolation
+    weight goes to the top of its grid (0.95); held-out 0 1 0 1 scores the first token by the add-one unigram
+    (51 / 102) and the other three at 0.95 * 1 + 0.05 * 0.5."""
+    tb = _load("benchmarks/bench_testbed.py")
+    out = tb.bigram_ppl([0, 1] * 50, [0, 1, 0, 1], vocab=2)
+    assert out["lambda"] == 0.95
+    expected = math.exp(-(math.log(0.5) + 3 * math.log(0.95 + 0.05 * 0.5)) / 4)
+    assert out["bigram"] == pytest.approx(expected, rel=1e-12)
+    assert out["unigram"] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_loss_by_position_aligns_positions() -> None:
+    """A stub LM puts logit p on the true token at position p (and 0 elsewhere): the loss of the token at position
+    p (predicted from the p tokens before it) is -log(e^(p-1) / (e^(p-1) + V - 1)) -- the logit at index p-1."""
+    import torch
+
+    tb = _load("benchmarks/bench_testbed.py")
+    vocab, window = 7, 6
+
+    class Stub(torch.nn.Module):
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, vocab)
+            nxt = torch.roll(input_ids, -1, dims=1)  # the token each position must predict (last one unused)
+            pos = torch.arange(input_ids.shape[1], dtype=torch.float)
+            logits.scatter_(2, nxt[..., None], pos[None, :, None].expand(input_ids.shape[0], -1, 1))
+            return type("Out", (), {"logits": logits})()
+
+    ids = torch.randint(0, vocab, (3 * window + 2,), generator=torch.Generator().manual_seed(0))
+    got = tb.loss_by_position(Stub(), ids, window)
+    want = [-math.log(math.exp(p - 1) / (math.exp(p - 1) + vocab - 1)) for p in range(1, window)]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_chunked_embedding_is_the_mean_of_its_pieces() -> None:
+    """scripts/bench_minilm_retrieval.py's chunked baseline against a naive loop: each piece of max_len - 2 tokens
+    embedded alone as [CLS] piece [SEP] (mean pooling, L2 norm), the piece vectors averaged, then L2-normalised."""
+    import types
+
+    import torch
+    import transformers
+
+    bench = _load("scripts/bench_minilm_retrieval.py")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=2, intermediate_size=64,
+                                                           max_position_embeddings=16)).eval()
+    tok = types.SimpleNamespace(cls_token_id=1, sep_token_id=2, pad_token_id=0)
+    texts = [list(range(3, 33)), list(range(40, 50)), [5, 6, 7]]  # 30 tokens -> 5 pieces of 6; 10 -> 6 + 4; 3
+    got = bench.embed_chunked(model, tok, texts, max_len=8)
+    want = []
+    with torch.no_grad():
+        for ids in texts:
+            vecs = []
+            for start in range(0, len(ids), 6):
+                x = torch.tensor([[1, *ids[start:start + 6], 2]])
+                hidden = model(input_ids=x).last_hidden_state[0]  # [n, h]
+                vecs.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1))
+            want.append(torch.nn.functional.normalize(torch.stack(vecs).mean(0), dim=-1))
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
