@@ -129,6 +129,8 @@ def _exclusion(rel: str, include_checkpoints: bool, exclude: Sequence[str]) -> s
         return "hidden file"
     if _match(rel, exclude) or _match(parts[-1], exclude):
         return "matches --exclude"
+    if parts[-1].endswith(".bak"):
+        return "backup file (e.g. README.md.bak kept by `hf-rope-ext card --overwrite`)"
     if include_checkpoints:
         return None
     if any(_match(part, CHECKPOINT_DIRS) for part in parts[:-1]):
@@ -138,12 +140,28 @@ def _exclusion(rel: str, include_checkpoints: bool, exclude: Sequence[str]) -> s
     return None
 
 
+def check_repo_id(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a valid Hub model id ("owner/name", or "name" for the token's user), or None. Checked
+    offline, with huggingface_hub's own rule."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id or repo_id.count("/") > 1:
+        return f"invalid repo id {repo_id!r}: give owner/name (or name, for the token's user)"
+    try:
+        validate_repo_id(repo_id if "/" in repo_id else f"user/{repo_id}")
+    except HFValidationError as err:
+        return f"invalid repo id {repo_id!r}: {' '.join(str(err).split())}"
+    return None
+
+
 def plan_push(
-    folder: str | Path, *, include_checkpoints: bool = False, exclude: Sequence[str] = ()
+    folder: str | Path, *, include_checkpoints: bool = False, exclude: Sequence[str] = (), repo_id: str | None = None
 ) -> PushPlan:
-    """List the files to upload and check the folder; never touches the network."""
+    """List the files to upload and check the folder (and ``repo_id`` when given); never touches the network."""
     folder = Path(folder).expanduser()
     plan = PushPlan(folder)
+    if repo_id is not None and (problem := check_repo_id(repo_id)):
+        plan.problems.append(problem)
     if not folder.is_dir():
         plan.problems.append(f"{folder} is not a folder")
         return plan
@@ -278,6 +296,9 @@ def _explain(err: BaseException, endpoint: str, doing: str) -> str:
 def _split_repo_id(repo_id: str, user: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    problem = check_repo_id(repo_id)
+    if problem:
+        raise PushError(problem)
     full = repo_id if "/" in repo_id else f"{user}/{repo_id}"
     try:
         validate_repo_id(full)

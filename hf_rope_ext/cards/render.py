@@ -211,16 +211,36 @@ PLACEHOLDERS: tuple[str, ...] = (
 """``$name`` placeholders a template may use."""
 
 
-def write_card(folder: str | Path, **kwargs: Any) -> Path:
+BACKUP_SUFFIX = ".bak"
+
+
+def _hand_written(path: Path) -> bool:
+    """A README.md that hf-rope-ext did not write (its marker missing, or not readable as text)."""
+    try:
+        return MARKER_PREFIX not in path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return True
+
+
+def write_card(folder: str | Path, *, overwrite: bool = False, **kwargs: Any) -> Path:
     """Render the card (see :func:`render_card` for the arguments) and write ``folder/README.md``; returns its path.
 
-    A README.md not written by hf-rope-ext (e.g. the base model's card copied into the folder) is read for its
-    license and language, then replaced."""
+    A card hf-rope-ext wrote before is replaced. A README.md it did not write (a hand-written card, the base model's
+    card copied into the folder) is refused unless ``overwrite=True``; then it is kept as ``README.md.bak`` (its
+    license and language are carried over) and replaced. The check runs before anything is written."""
     folder = Path(folder).expanduser()
-    text = render_card(folder, **kwargs)
     path = folder / CARD_FILE
-    if path.is_file() and MARKER_PREFIX not in path.read_text(encoding="utf-8"):
-        logger.warning("replacing %s (not written by hf-rope-ext; its license/language were carried over)", path)
+    hand_written = path.is_file() and _hand_written(path)
+    if hand_written and not overwrite:
+        raise FileExistsError(
+            f"{path} was not written by hf-rope-ext (a hand-written card?); pass --overwrite (overwrite=True) to "
+            f"replace it, keeping it as {path.name}{BACKUP_SUFFIX}, or --stdout to print the card instead"
+        )
+    text = render_card(folder, **kwargs)
+    if hand_written:
+        backup = path.with_name(path.name + BACKUP_SUFFIX)
+        backup.write_bytes(path.read_bytes())
+        logger.warning("replacing %s (not written by hf-rope-ext); the old file is kept as %s", path, backup)
     path.write_text(text, encoding="utf-8")
     logger.info("wrote %s", path)
     return path

@@ -15,7 +15,6 @@ Anything else is refused with the list of accepted kinds; nothing is guessed fro
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -264,10 +263,9 @@ def read_training(training: Any, folder: Path) -> tuple[TrainingSummary, Path, s
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    from ..eval.io import read_json
+
+    return read_json(path)
 
 
 def _refuse(where: str, what: str) -> ValueError:

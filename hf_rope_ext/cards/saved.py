@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..eval.io import read_json
 from ..patching import META_KEY
 from .format import fmt_factor
 
@@ -56,8 +57,8 @@ class SavedModel:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no config.json; save the patched model with save_pretrained first")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        meta = config.get(META_KEY)
+        config = read_json(config_path)
+        meta = config.get(META_KEY) if isinstance(config, dict) else None
         if not isinstance(meta, dict) or "method" not in meta:
             raise ValueError(
                 f"{config_path} has no '{META_KEY}' entry: the folder was not saved from a model patched by "
@@ -67,7 +68,7 @@ class SavedModel:
             if not isinstance(meta.get(key), int):
                 raise ValueError(f"{config_path}: '{META_KEY}.{key}' must be an integer, got {meta.get(key)!r}")
         tok_path = folder / "tokenizer_config.json"
-        tokenizer_config = json.loads(tok_path.read_text(encoding="utf-8")) if tok_path.is_file() else {}
+        tokenizer_config = read_json(tok_path) if tok_path.is_file() else {}
         card_path = folder / CARD_FILE
         existing = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
         if existing is not None and MARKER_PREFIX in existing:

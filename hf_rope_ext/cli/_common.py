@@ -87,8 +87,9 @@ def add_patch_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--method", required=required, help="extension method (see `hf-rope-ext methods`)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--factor", type=float, help="new length / original length")
-    group.add_argument("--target-length", type=int, help="new context length instead of --factor")
-    p.add_argument("--original-length", type=int, help="length the model was trained at (default: from its config)")
+    group.add_argument("--target-length", type=positive_int, help="new context length instead of --factor")
+    p.add_argument("--original-length", type=positive_int,
+                   help="length the model was trained at (default: from its config)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="method parameter, repeatable; the value is JSON when it parses (16, true, [1,2]), else text")
     p.add_argument("--layer-types", help="per-layer-type rope (Gemma-3): comma-separated layer types to patch")
@@ -114,6 +115,28 @@ def patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "repatch", False):
         kwargs["repatch"] = True
     return kwargs
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a chunk size, a count, a stride)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (an offset)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
 
 def parse_lengths(text: str) -> list[int]:
     """``"2048,4k,16k"`` -> [2048, 4096, 16384] (a ``k`` suffix multiplies by 1024)."""
@@ -154,21 +177,45 @@ def text_arguments(p: argparse.ArgumentParser) -> None:
                         "builtin:pydoc (default, offline) or builtin:stdlib")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default: text)")
     p.add_argument("--text-split", default="test", help="dataset split (default: test)")
-    p.add_argument("--offset", type=int, default=0, help="first token of the text to use (default 0)")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="first token of the text to use (default 0)")
 
 def ppl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=parse_lengths, required=True, help="window lengths, e.g. 2048,4096,8k")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="sliding-window stride S (default: the window, i.e. non-overlapping; the papers use 256)")
-    p.add_argument("--windows", type=int, default=1, help="windows per length (default 1)")
-    p.add_argument("--bucket-size", type=int, default=None, help="position-bucket width (default: window / 8)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--loss-chunk", type=int, default=1024, help="positions per LM-head chunk (memory; default 1024)")
+    p.add_argument("--windows", type=positive_int, default=1, help="windows per length (default 1)")
+    p.add_argument("--bucket-size", type=positive_int, default=None,
+                   help="position-bucket width (default: window / 8)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--loss-chunk", type=positive_int, default=1024,
+                   help="positions per LM-head chunk (memory; default 1024)")
+
+_PATCH_OPTIONS = {"factor": "--factor", "target_length": "--target-length", "original_length": "--original-length",
+                  "param": "--param", "layer_types": "--layer-types", "attn_implementation": "--attn-implementation",
+                  "repatch": "--repatch"}
+
+
+def check_patch_options(args: argparse.Namespace) -> None:
+    """Patch options without ``--method`` are refused: evaluating the model unpatched instead would be a silently
+    wrong result. Also the method name itself, before a model is loaded."""
+    if getattr(args, "method", None):
+        from ..registry import get_method
+
+        get_method(args.method)
+        return
+    given = [flag for key, flag in _PATCH_OPTIONS.items() if getattr(args, key, None) not in (None, False, [])]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} given without --method: name the method to patch with (see `hf-rope-ext methods`), "
+            "or leave these out to use the model as saved"
+        )
+
 
 def load(args: argparse.Namespace, patch: bool = True) -> tuple[Any, Any]:
     from .. import patch_model
     from ..loading import load_model
 
+    check_patch_options(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if patch and getattr(args, "method", None):
         patch_model(model, args.method, tokenizer=tokenizer, **patch_kwargs(args))

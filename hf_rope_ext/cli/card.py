@@ -32,6 +32,8 @@ def _card_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the loading code)")
     p.add_argument("--template", help=f"{' or '.join(TEMPLATE_NAMES)} or a path (default: from the architecture)")
     p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a README.md hf-rope-ext did not write (kept as README.md.bak)")
 
 
 @subcommand("card", "write a model card (README.md) for a saved extended model", _card_args, EXAMPLE)
@@ -46,6 +48,6 @@ def _card(args: argparse.Namespace) -> int:
     if args.stdout:
         print(render_card(args.folder, copy_plots=False, **kwargs), end="")
         return 0
-    path = write_card(args.folder, **kwargs)
+    path = write_card(args.folder, overwrite=args.overwrite, **kwargs)
     print(f"wrote {path}")
     return 0

@@ -14,6 +14,7 @@ from ._common import (
     parse_depths,
     parse_lengths,
     parse_value,
+    positive_int,
     ppl_arguments,
     sub_parser,
     subcommand,
@@ -88,10 +89,10 @@ def _retrieval_args(p: argparse.ArgumentParser, default_depths: str) -> None:
     p.add_argument("--lengths", type=parse_lengths, required=True, help="prompt lengths in tokens, e.g. 4k,8k,16k")
     p.add_argument("--depths", type=parse_depths, default=parse_depths(default_depths),
                    help=f"needle depths in [0, 1] (default {default_depths})")
-    p.add_argument("--trials", type=int, default=1, help="samples per (length, depth) (default 1)")
+    p.add_argument("--trials", type=positive_int, default=1, help="samples per (length, depth) (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per prompt")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens to generate per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts per generate call (default 1)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="also write the accuracy heatmap PNG here")
 
@@ -188,8 +189,9 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated methods (see `hf-rope-ext methods`); 'none' = the unpatched model")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--factor", type=float, help="new length / original length, for every method")
-    group.add_argument("--target-length", type=int, help="new context length instead of --factor")
-    p.add_argument("--original-length", type=int, help="length the model was trained at (default: from its config)")
+    group.add_argument("--target-length", type=positive_int, help="new context length instead of --factor")
+    p.add_argument("--original-length", type=positive_int,
+                   help="length the model was trained at (default: from its config)")
     p.add_argument("--param", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="method parameter, repeatable; METHOD. limits it to one method (yarn.beta_fast=16)")
     text_arguments(p)
@@ -197,7 +199,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(bucket_size=None)
     p.add_argument("--passkey-lengths", type=parse_lengths, default=None,
                    help="also run passkey retrieval at these lengths (5 depths each)")
-    p.add_argument("--passkey-trials", type=int, default=1, help="passkey keys per (length, depth) (default 1)")
+    p.add_argument("--passkey-trials", type=positive_int, default=1,
+                   help="passkey keys per (length, depth) (default 1)")
     p.add_argument("--copy", choices=["deepcopy", "inplace"], default="deepcopy",
                    help="patch a deep copy per method (default) or patch/unpatch in place (half the memory)")
     p.add_argument("--out-dir", default="compare_out", help="folder for compare.json, compare.md and PNGs")

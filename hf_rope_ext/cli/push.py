@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import subcommand
+from ._common import UsageError, subcommand
 
 EXAMPLE = """examples:
   hf-rope-ext push out/smollm2-yarn-16k me/smollm2-yarn-16k --dry-run     # list what would be sent
@@ -31,11 +31,11 @@ def _push(args: argparse.Namespace) -> int:
     from ..hub import plan_push, push_folder
 
     if args.dry_run:
-        plan = plan_push(args.folder, include_checkpoints=args.include_checkpoints, exclude=args.exclude)
-        print(plan.describe(args.repo_id, args.revision, args.private))
+        plan = plan_push(args.folder, include_checkpoints=args.include_checkpoints, exclude=args.exclude,
+                         repo_id=args.repo_id)
+        print(plan.describe(args.repo_id, args.revision, args.private), flush=True)
         if not plan.ok:
-            print("dry run: this push would be refused", flush=True)
-            return 2
+            raise UsageError(f"dry run: this push would be refused: {'; '.join(plan.problems)}")
         print("dry run: nothing was sent")
         return 0
     result = push_folder(
