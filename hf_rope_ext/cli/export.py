@@ -30,6 +30,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-cpp", default=None, metavar="DIR",
                    help="llama.cpp checkout or unpacked llama-cpp-python sdist holding convert_hf_to_gguf.py "
                         "(default: $HF_ROPE_EXT_LLAMA_CPP)")
+    p.add_argument("--converter-python", default=None, metavar="PYTHON",
+                   help="python to run the converter with; it needs llama.cpp's converter requirements "
+                        "(requirements/requirements-convert_hf_to_gguf.txt; here sentencepiece beside this package "
+                        "suffices). Default: this python")
 
 
 @subcommand("export", "export a saved model folder for another runtime (GGUF for llama.cpp)", _export_args,
@@ -38,7 +42,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..gguf import export_gguf
 
     result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite,
-                         llama_cpp=args.llama_cpp)
+                         llama_cpp=args.llama_cpp, python=args.converter_python)
     shown = {"rope": result["keys"], "how": result["how"]}
     if result.get("changed"):
         shown["replaced_from_converter"] = {
