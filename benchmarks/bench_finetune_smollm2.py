@@ -295,7 +295,8 @@ def stage_train(args: argparse.Namespace, state: State, files: list[Path]) -> No
     summary_path = model_dir / "training_summary.json"
     if not summary_path.exists():
         cmd = [sys.executable, "-m", "hf_rope_ext.cli", "finetune", "--config", args.config,
-               "--output_dir", str(args.run), "--data", *map(str, files)]
+               "--output_dir", str(args.run), "--data", *map(str, files),
+               "--method", args.method, "--factor", str(args.length / ORIGINAL)]
         if args.max_steps:
             cmd += ["--max_steps", str(args.max_steps)]
         if (args.run / "checkpoints").exists():
