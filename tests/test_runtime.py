@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_rope_ext import families, freeze_rope_length, patch_info, patch_model, unpatch_model
+from hf_rope_ext import families, patch_info, patch_model, unpatch_model
 
 from .conftest import ORIGINAL_LEN, VOCAB, tiny_model
 from .utils import run_python
@@ -19,10 +19,54 @@ def logits(model, ids, **kw):
         return model(ids, **kw).logits
 
 
+def _yarn_reference(dim: int, base: float, s: float, L: int) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071) in float64, from the formula: dimensions turning more than beta_fast=32 times in the
+    original length L keep their frequency, fewer than beta_slow=1 are divided by s, a linear ramp between;
+    attention factor 0.1 ln s + 1."""
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    theta = base ** (-i / dim)
+    lo = max(math.floor(dim * math.log(L / (2 * math.pi * 32)) / (2 * math.log(base))), 0)
+    hi = min(math.ceil(dim * math.log(L / (2 * math.pi * 1)) / (2 * math.log(base))), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return theta / s * ramp + theta * (1 - ramp), 0.1 * math.log(s) + 1 if s > 1 else 1.0
+
+
+def _reference_frequencies(method: str, length: int, dim: int = 16, base: float = 10000.0, s: float = 4.0,
+                           L: int = ORIGINAL_LEN) -> tuple[torch.Tensor, float]:
+    """The frequencies and attention factor each method must use over ``length`` tokens, written from the papers
+    (float64), independent of the library and of transformers' rope code."""
+    theta = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if method == "yarn":
+        return _yarn_reference(dim, base, s, L)
+    if method == "dynamic_yarn":  # YaRN section 3.3: s' = max(1, l / L)
+        return _yarn_reference(dim, base, max(1.0, length / L), L)
+    if method == "dynamic_ntk":  # base' = base * (s l / L - (s - 1)) ** (d / (d - 2)) once l > L
+        scaled = base * ((s * max(length, L) / L) - (s - 1)) ** (dim / (dim - 2))
+        return scaled ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim), 1.0
+    if method == "longrope":  # long factors past the original length; attention sqrt(1 + ln s / ln L)
+        factors = torch.full((dim // 2,), 4.0, dtype=torch.float64) if length > L else torch.ones(dim // 2)
+        return theta / factors, math.sqrt(1 + math.log(s) / math.log(L))
+    raise KeyError(method)
+
+
+def _plain_model_with_frequencies(inv_freq: torch.Tensor, attention: float):
+    """The unpatched tiny llama (same seed, same weights) with fixed rotary frequencies: a plain rope_type 'default'
+    model that nothing recomputes."""
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    assert rotary.rope_type == "default"
+    rotary.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+    rotary.register_buffer("original_inv_freq", inv_freq.float(), persistent=False)
+    rotary.attention_scaling = attention
+    return model
+
+
 @pytest.mark.parametrize("method", ["yarn", "dynamic_ntk", "dynamic_yarn", "longrope"])
 def test_cached_generation_past_the_original_length_matches_a_full_forward(method):
-    """With a KV cache, a generation crossing the original length uses ONE set of frequencies: each step's logits
-    equal those of an uncached forward over the final text at the final length's frequencies."""
+    """With a KV cache, a generation crossing the original length uses ONE set of frequencies, those of its final
+    length: each step's logits equal an uncached forward over the final text of a plain model given the method's
+    frequencies at that length by formula (the reference: nothing of the library's generate path is used). And the
+    method is active inside generate(): the unpatched model's logits differ."""
     model = tiny_model("llama")
     kwargs = {}
     if method == "longrope":
@@ -43,12 +87,44 @@ def test_cached_generation_past_the_original_length_matches_a_full_forward(metho
     seq = out.sequences
     assert seq.shape[1] == prompt.shape[1] + new
     step_logits = torch.stack(out.logits, dim=1)[0]  # [new, vocab]
-    with freeze_rope_length(model, seq.shape[1]):
-        full = logits(model, seq[:, :-1])[0, prompt.shape[1] - 1 :]  # [new, vocab]
+    reference = _plain_model_with_frequencies(*_reference_frequencies(method, seq.shape[1]))
+    full = logits(reference, seq[:, :-1], use_cache=False)[0, prompt.shape[1] - 1 :]  # [new, vocab]
     torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-4)
+    # the method was active: the original model's logits on the same text are far from these
+    unpatched = logits(tiny_model("llama"), seq[:, :-1], use_cache=False)[0, prompt.shape[1] - 1 :]
+    assert (step_logits - unpatched).abs().max() > 0.05
     # the frequencies are restored after generation
     rotary = families.rotary_modules(model)[0]
     assert rotary.rope_type == model.config.rope_parameters["rope_type"]
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_dynamic_methods_are_active_inside_generate(method):
+    """Inside generate() the rotary module of a dynamic method runs with the method's frequencies for the final
+    length (formula, float64 reference), not the original ones, on every step, the prompt's included."""
+    model = tiny_model("llama")
+    patch_model(model, method, 4)
+    rotary = families.rotary_modules(model)[0]
+    seen = []
+    hook = rotary.register_forward_hook(lambda module, args, out: seen.append(
+        (module.inv_freq.detach().double().clone(), float(module.attention_scaling))))
+    prompt, new = torch.randint(3, VOCAB, (1, ORIGINAL_LEN + 6)), 30
+    model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert len(seen) == new  # one rotary call per forward: the prompt, then one per new token
+    ref_inv, ref_att = _reference_frequencies(method, prompt.shape[1] + new)
+    original = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    for inv, att in seen:
+        torch.testing.assert_close(inv, ref_inv, rtol=1e-6, atol=0)
+        assert att == pytest.approx(ref_att, rel=1e-6)
+        assert (inv - original).abs().max() > 1e-3  # not silently the original frequencies
+    # outside generate, the dynamic method follows the input length again (here: the original at 10 tokens)
+    seen.clear()
+    hook = rotary.register_forward_hook(lambda module, args, out: seen.append(module.inv_freq.detach().double()))
+    with torch.no_grad():
+        model(prompt[:, :10])
+    hook.remove()
+    torch.testing.assert_close(seen[0], original, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
