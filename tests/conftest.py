@@ -10,6 +10,21 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+DEFAULT_MARKEXPR = "not slow"
+"""pyproject's ``addopts = "-m 'not slow'"``: slow tests are left out unless asked for."""
+
+
+def run_slow() -> bool:
+    """``RUN_SLOW=1`` (or true/yes) in the environment: run the slow tests too."""
+    return os.environ.get("RUN_SLOW", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config):
+    """``RUN_SLOW=1 pytest`` runs every test, the slow ones included: the default ``-m 'not slow'`` from pyproject is
+    dropped. An explicit ``-m`` on the command line (anything else) is left as given."""
+    if run_slow() and config.option.markexpr == DEFAULT_MARKEXPR:
+        config.option.markexpr = ""
+
 ORIGINAL_LEN = 64
 VOCAB = 128
 _COMMON = dict(

@@ -5,7 +5,11 @@ where, and that nothing changed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +352,21 @@ def test_cli_argparse_errors_are_one_line(capsys):
     line = _one_error_line(capsys)
     assert line == "hf-rope-ext patch: error: argument --factor: invalid float value: 'four' (see hf-rope-ext patch " \
                    "--help)"
+
+
+# ------------------------------------------------------------------------------------------------ RUN_SLOW=1 is read
+
+
+@pytest.mark.parametrize(("env", "selected"), [({}, False), ({"RUN_SLOW": "1"}, True), ({"RUN_SLOW": "0"}, False)])
+def test_run_slow_selects_the_slow_tests(env, selected, tmp_path):
+    """pyproject leaves slow tests out (-m 'not slow'); RUN_SLOW=1 brings them in. The reference: pytest's own
+    collection report in a fresh process, over a slow test of this suite."""
+    environ = {k: v for k, v in os.environ.items() if k != "RUN_SLOW"} | env
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests/test_eval_smollm2.py"],
+        capture_output=True, text=True, env=environ, timeout=300, cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode in (0, 5), proc.stdout + proc.stderr  # 5: nothing selected
+    collected = [line for line in proc.stdout.splitlines() if "test_eval_smollm2.py::" in line]
+    assert bool(collected) == selected, proc.stdout[-2000:]
