@@ -15,7 +15,9 @@ search continue without redoing evaluations):
 
 1. Search (``hf_rope_ext.search_rope_factors``): objective ``--objective`` (default ``beyond``: NLL of the tokens past
    8192) on one window of ``--search-text`` (default ``builtin:pydoc`` from token 60000, a stretch the validation
-   does not use), evaluated at ``--proxy-length`` tokens, ``--budget`` evaluations and/or ``--minutes``.
+   does not use), evaluated at ``--proxy-length`` tokens, ``--budget`` evaluations and/or ``--minutes``. Every
+   candidate uses YaRN's attention factor 0.1 ln s + 1 (``--attention-factor``), so the YaRN seed (with the critical
+   dimensions searched, PI's projection is the same vector) is stock ``yarn`` and the search starts from it.
 2. Validation at 16384 tokens on texts the search did not see: the window of benchmarks/RESULTS.md §1
    (``builtin:pydoc`` from token 20000) and ``builtin:stdlib`` from token 0: whole-window perplexity and perplexity of
    positions 8k-16k, for the searched factors and for stock ``yarn`` (the same factor).
@@ -54,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objective", choices=["beyond", "window", "needle"], default="beyond")
     p.add_argument("--search-text", default="builtin:pydoc")
     p.add_argument("--search-offset", type=int, default=60000)
-    p.add_argument("--attention-factor", default="longrope",
-                   help="longrope (sqrt(1 + ln s / ln L), default), yarn (0.1 ln s + 1) or a number")
+    p.add_argument("--attention-factor", default="yarn",
+                   help="yarn (0.1 ln s + 1, default: the yarn seed is then stock yarn exactly, so any gain over it "
+                        "comes from the factors), longrope (sqrt(1 + ln s / ln L)) or a number")
     p.add_argument("--all-dims", action="store_true", help="search every dimension, not only the critical ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-validation", action="store_true", help="skip stage 2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,7 +168,7 @@ def test_model_objective_resume_restores_the_model(model, tok, text, tmp_path, m
 
     before = snapshot(model)
     kwargs = dict(factor=S, texts=[text], objective="beyond", seed=1, progress=False, proxy_length=96)
-    one = search_rope_factors(model, tok, budget=10, **kwargs)
+    one = search_rope_factors(model, tok, budget=6, **kwargs)
     assert_unchanged(model, before)
     assert patch_info(model) is None
     # the objective independently: mean NLL of tokens 64..95 of the window under the patched model
@@ -183,12 +184,12 @@ def test_model_objective_resume_restores_the_model(model, tok, text, tmp_path, m
     unpatch_model(model)
 
     log = tmp_path / "log.jsonl"
-    search_rope_factors(model, tok, budget=4, log_path=log, **kwargs)
+    search_rope_factors(model, tok, budget=3, log_path=log, **kwargs)
     calls = []
     real = search_module.token_nll
     monkeypatch.setattr(search_module, "token_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
-    two = search_rope_factors(model, tok, budget=10, log_path=log, resume=True, **kwargs)
-    assert len(calls) == 6
+    two = search_rope_factors(model, tok, budget=6, log_path=log, resume=True, **kwargs)
+    assert len(calls) == 3
     assert two.factors == one.factors and two.score == pytest.approx(one.score, abs=0)
     assert_unchanged(model, before)
 
@@ -198,7 +199,7 @@ def test_model_objective_resume_restores_the_model(model, tok, text, tmp_path, m
 
     monkeypatch.setattr(search_module, "token_nll", broken)
     with pytest.raises(RuntimeError):
-        search_rope_factors(model, tok, budget=3, **kwargs)
+        search_rope_factors(model, tok, budget=2, **kwargs)
     assert_unchanged(model, before)
 
 
@@ -313,7 +314,7 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
     held_out.write_text(text[20000:40000])
     out = tmp_path / "out"
     argv = ["search", str(base), "--factor", "2", "--text", str(search_text), "--validation-text", str(held_out),
-            "--baseline", "yarn", "--budget", "5", "--out", str(out), "--no-progress"]
+            "--baseline", "yarn", "--budget", "4", "--out", str(out), "--no-progress"]
 
     # refusals before anything loads or changes
     for bad, message in ((["--factor", "1"], "--factor must be a number > 1"),
@@ -328,15 +329,15 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
 
     assert main(argv) == 0
     shown = json.loads(capsys.readouterr().out.split("\nsaved to")[0])
-    assert shown["evaluations"] == 5
+    assert shown["evaluations"] == 4
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "longrope"
     assert config["rope_parameters"]["short_factor"] == shown["factors"] or np.allclose(
         config["rope_parameters"]["short_factor"], shown["factors"], atol=1e-4)
     saved = json.loads((out / "search.json").read_text())
-    assert saved["kind"] == "search" and len(saved["candidates"]) == 5
+    assert saved["kind"] == "search" and len(saved["candidates"]) == 4
     assert {r["method"] for r in saved["validation"]} == {"longrope (searched)", "yarn"}
-    assert len((out / "search_log.jsonl").read_text().splitlines()) == 6
+    assert len((out / "search_log.jsonl").read_text().splitlines()) == 1 + 4
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "README.md").read_text()
     assert "evolutionary search" in card and "search.png" in card and "held_out.txt" in card
@@ -354,14 +355,15 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
     # an existing folder is not overwritten unasked; --resume continues the logged search
     assert main(argv) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert main([*argv[:-5], "--budget", "7", "--out", str(out), "--no-progress", "--resume"]) == 0
+    short = ["search", str(base), "--factor", "2", "--text", str(search_text), "--out", str(out), "--no-progress"]
+    assert main([*short, "--budget", "6", "--resume"]) == 0
     shown = json.loads(capsys.readouterr().out.split("\nsaved to")[0])
-    assert shown["evaluations"] == 7 and shown["resumed"] == 5
-    assert len((out / "search_log.jsonl").read_text().splitlines()) == 8
+    assert shown["evaluations"] == 6 and shown["resumed"] == 4
+    assert len((out / "search_log.jsonl").read_text().splitlines()) == 1 + 6
     (out / "user-file.txt").write_text("mine")
-    assert main([*argv, "--overwrite"]) == 0
+    assert main([*short, "--budget", "2", "--overwrite"]) == 0
     assert not (out / "user-file.txt").exists()
-    assert len((out / "search_log.jsonl").read_text().splitlines()) == 6
+    assert len((out / "search_log.jsonl").read_text().splitlines()) == 1 + 2
 
 
 def test_cli_refuses_a_non_rotary_model(tmp_path, tok, text, capsys):
@@ -376,3 +378,30 @@ def test_cli_refuses_a_non_rotary_model(tmp_path, tok, text, capsys):
                  "--no-progress"]) == 2
     assert "needs a rotary (RoPE) model" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
+    """benchmarks/bench_search.py --report-only: the table from a JSON (no model loaded)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_search", Path(__file__).parent.parent / "benchmarks" /
+                                                  "bench_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"text": "builtin:pydoc@20000", "method": "longrope (searched)", "length": 16384, "ppl_window": 10.5,
+             "ppl_beyond": 11.0},
+            {"text": "builtin:pydoc@20000", "method": "yarn", "length": 16384, "ppl_window": 11.2,
+             "ppl_beyond": 11.73}]
+    search = {"objective": "beyond", "eval_length": 16384, "texts": ["builtin:pydoc@60000"], "evaluations": 3,
+              "resumed_evaluations": 0, "seconds": 450.0, "stopped": "budget", "searched_dims": [20, 31],
+              "score": 2.3, "factors": [1.0, 2.0],
+              "candidates": [{"origin": "seed:pi", "score": 2.5}, {"origin": "seed:yarn", "score": 2.4},
+                             {"origin": "mutation", "score": 2.3}]}
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"search": search, "validation": rows,
+                               "control": {"builtin:pydoc@20000": {"ppl_8k_16k": 11.41}}}))
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| builtin:pydoc@20000 | longrope (searched) | 10.50 | 11.00 | -6.2 % |" in text  # 10.5 / 11.2 - 1
+    assert "| builtin:pydoc@20000 | none, 8k sliding window (control) | – | 11.41 | – |" in text
+    assert "3 evaluations in 7.5 min (150 s each" in text and "pi 2.5000, yarn 2.4000" in text
