@@ -294,9 +294,26 @@ def test_patched_model_and_existing_log_are_refused(model, tok, text, tmp_path):
 
 
 def test_needle_objective_scores_the_answer(model, tok, text):
-    result = search_rope_factors(model, tok, S, [text], budget=3, objective="needle", progress=False)
-    assert all(math.isfinite(c["score"]) for c in result.candidates)
+    import re
+
+    from hf_rope_ext.search import _windows
+
+    result = search_rope_factors(model, tok, S, [text], budget=1, objective="needle", progress=False, seed=5)
     assert SearchResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    # the window: the needle early (at 10 %), the question and the answer at the very end
+    (window,) = _windows(tok, [text], 2 * L, 0, "needle", L, "texts", 5)
+    decoded = tok.decode(window.ids)
+    key = re.search(r"The secret passphrase is (\d{5})\.", decoded).group(1)
+    assert decoded.endswith(f"What is the secret passphrase? The secret passphrase is {key}.")
+    assert len(tok(decoded[: decoded.index("The secret passphrase")]).input_ids) <= 0.1 * 2 * L + 2
+    # the score: NLL of exactly the answer tokens " KEY." under the patched model, computed here
+    answer = len(tok(f" {key}.", add_special_tokens=False).input_ids)
+    patch_model(model, "longrope", S, short_factor=result.factors, long_factor=result.factors,
+                attention_factor=math.sqrt(1 + math.log(S) / math.log(L)))
+    with torch.no_grad():
+        logits = model(window.ids[None]).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.float(), window.ids[1:], reduction="none")
+    assert result.score == pytest.approx(float(nll[-answer:].mean()), abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------------
