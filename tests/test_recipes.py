@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -300,7 +301,9 @@ def test_pose_training_uses_short_windows_spanning_target(ft, random_llama, text
 # checkpoints, resume, interruption, crash safety
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama, texts, tmp_path):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama, texts, tmp_path, monkeypatch):
+    """Stopped at step 4 and resumed: the same weights as an uninterrupted run, and the resumed run computes only
+    steps 5-6 (training is deterministic, so a "resume" that retrained from step 0 would also end equal)."""
     common = {
         "method": "yarn",
         "max_steps": 6,
@@ -320,8 +323,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ft, random_llama,
         ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, **common))
     with pytest.raises(ValueError, match="options changed.*seed"):
         ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, resume=True, **{**common, "seed": 4}))
+    trained_steps = []
+    batches = ft.data.micro_batch_indices
+
+    def recording(*args, step, **kwargs):
+        trained_steps.append(step)
+        return batches(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(ft.data, "micro_batch_indices", recording)
     resumed = ft.run(options(ft, random_llama, tmp_path / "b", texts, tmp_path, resume=True, **common))
+    monkeypatch.undo()
     assert not resumed.stopped and resumed.step == 6
+    assert trained_steps == [4, 4, 5, 5]  # 0-based steps x grad_accum: steps 1-4 came from the checkpoint
 
     a, b = saved_weights(tmp_path / "a" / "model"), saved_weights(tmp_path / "b" / "model")
     assert a.keys() == b.keys()
@@ -421,6 +434,69 @@ def test_a_crash_while_saving_leaves_no_half_written_model(ft, random_llama, tex
     ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, seed=5))
     assert sorted(p.name for p in out.iterdir()) == ["model", "run_config.yaml"]
     assert any(not torch.equal(first[k], v) for k, v in saved_weights(out / "model").items())
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (not an Exception, so no handler cleans up)."""
+
+
+def test_a_kill_between_the_two_renames_of_the_final_save_keeps_a_complete_model(ft, random_llama, texts, tmp_path,
+                                                                                  monkeypatch):
+    """The final save moves model/ aside, then the new folder into place. Killed in between, the run has no model/;
+    the next run must put the moved-aside (complete) model back as it starts, not delete it."""
+    out = tmp_path / "run"
+    ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0))
+    first = saved_weights(out / "model")
+    real_replace = os.replace
+
+    def killed_after_moving_aside(src, dst):
+        if Path(src).name == ".model.partial":  # the second rename: the old model is already aside
+            raise _Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_moving_aside)
+    with pytest.raises(_Killed):
+        ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, seed=5))
+    monkeypatch.undo()
+    assert not (out / "model").exists() and (out / ".model.old" / "model.safetensors").is_file()
+
+    stopped = ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, stop_after=1))
+    assert stopped.stopped  # never reached its own save: the model is back because the run started
+    restored = saved_weights(out / "model")
+    assert all(torch.equal(restored[k], v) for k, v in first.items())
+    assert not (out / ".model.old").exists()
+
+
+def test_a_broken_trainer_state_is_named(ft, random_llama, texts, tmp_path):
+    out = tmp_path / "run"
+    ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, stop_after=1))
+    state = out / "checkpoints" / "step-00000001" / "trainer_state.json"
+    for text, why in (('{"step": "one"', "unreadable"), ('{"step": "one"}', "step \\(str\\).*options \\(missing\\)")):
+        state.write_text(text)
+        with pytest.raises(ValueError, match=f"{re.escape(str(state))}: .*{why}"):
+            ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, resume=True))
+        with pytest.raises(ValueError, match=f"cannot resume from .*{re.escape(str(state))}: .*{why}"):
+            ft.run(options(ft, random_llama, out, texts, tmp_path, eval_chunks=0, resume=str(state.parent)))
+
+
+def test_data_prefix_mistakes_absurd_lr_and_broken_yaml_are_explained(ft, tmp_path):
+    o = ft.Options(model="m", factor=2, output_dir="o", data=["dataset:wikitext"])
+    with pytest.raises(ValueError, match="entry 'dataset:wikitext': 'dataset:' is not a prefix.*data: \\[wikitext\\]"):
+        ft.check_options(o)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\noutput_dir: o\nfactor: 4\ndata: [dataset: wikitext]\n")
+    with pytest.raises(ValueError, match="data: entry \\{'dataset': 'wikitext'\\} is a mapping.*data: \\[wikitext\\]"):
+        ft.parse_options(["--config", str(config)])
+    for lr in (2.0, 1e3, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="option lr"):
+            ft.check_options(ft.Options(model="m", factor=2, output_dir="o", lr=lr), check_data=False)
+    ft.check_options(ft.Options(model="m", factor=2, output_dir="o", lr=1.0), check_data=False)  # the boundary
+    config.write_text("model: m\nfactor: 4\nlr: 1e-4\n  data: x\n")  # line 4 is indented under lr
+    with pytest.raises(ValueError, match=f"^{re.escape(str(config))}:4:7: not valid YAML: mapping values"):
+        ft.parse_options(["--config", str(config)])
+    config.write_bytes(b"model: m\nfactor: \xff\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(config))}: not a UTF-8 text file"):
+        ft.parse_options(["--config", str(config)])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -677,7 +753,8 @@ def test_every_shipped_recipe_config_parses_and_starts_with_its_command(ft):
     for path in configs:
         first = _command_line(path)
         rel = path.relative_to(ROOT).as_posix()
-        assert first.startswith("# ") and f"recipes/finetune.py --config {rel}" in first, f"{rel}: {first}"
+        commands = (f"recipes/finetune.py --config {rel}", f"hf-rope-ext finetune --config {path.stem} ")
+        assert first.startswith("# ") and any(c in first for c in commands), f"{rel}: {first}"
         o = ft.parse_options(["--config", str(path)])
         methods_seen.add(o.method)
         if o.method not in registry.METHODS:  # learned-table methods are a separate feature; check the rest

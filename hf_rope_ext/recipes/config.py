@@ -14,6 +14,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -125,6 +126,12 @@ class Options:
         resume=True,
     )
     s2attn_group_ratio: float = opt(0.25, "S²-Attn group size as a fraction of seq_len.", resume=True)
+    context_parallel: int = opt(
+        1,
+        "Context parallelism: shard each sequence over this many GPUs (accelerate ParallelismConfig cp_size, FSDP2; "
+        "recipes/accelerate/fsdp_context_parallel.yaml). Position ids stay the global ones on every shard.",
+        resume=True,
+    )
 
     # --- data
     data: list[str] = opt(
@@ -282,6 +289,15 @@ def options_from_dict(values: dict[str, Any], where: str = "config") -> Options:
     unknown = [k for k in values if k not in hints]
     if unknown:
         raise _unknown(unknown, list(hints), where)
+    for key in ("data", "eval_data"):
+        entries = values.get(key)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict):
+                raise ValueError(
+                    f"option {key}: entry {entry!r} is a mapping (YAML reads `name: value` inside [...] as one); "
+                    f"entries are strings: a file, a folder, builtin:pydoc, or a `datasets` name alone, e.g. "
+                    f"{key}: [{next(iter(entry.values()), 'NAME')}]"
+                )
     return Options(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
 
@@ -290,9 +306,20 @@ def load_yaml(name_or_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     from hf_rope_ext.recipes import config_path
 
     path = config_path(name_or_path)  # unknown -> FileNotFoundError listing the shipped configs
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # name the file and the line, not a parser traceback
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(err, "problem", None) or str(err)
+        start = getattr(err, "context_mark", None)
+        if getattr(err, "context", None) and start is not None:
+            what += f" ({err.context} opened at line {start.line + 1})"
+        raise ValueError(f"{where}: not valid YAML: {what}; expected lines of option: value") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value")
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
     return path, values
 
 
@@ -390,6 +417,31 @@ def parse_options(argv: list[str] | None = None, prog: str | None = None) -> Opt
     return options_from_dict(values, where="config / command line")
 
 
+def check_context_parallel(o: Options, spec: Any) -> None:
+    """What context parallelism (``context_parallel > 1``) cannot train, refused before anything loads. The engine
+    (FSDP2, CUDA) is checked when the run starts (``distributed.check_context_parallel_engine``)."""
+    cp = o.context_parallel
+    if cp < 1:
+        raise ValueError(f"option context_parallel must be >= 1 (1: off), got {cp}")
+    if cp == 1:
+        return
+    why = None
+    if o.s2attn:
+        why = "s2attn: shifted sparse attention regroups the tokens of the whole sequence, which no process holds"
+    elif spec.kind == "attention":
+        why = (f"attention-level method '{spec.name}': it rewrites attention, which context parallelism replaces "
+               "by ring attention")
+    elif spec.kind != "rope":
+        why = f"method '{spec.name}': it extends a learned position table; context parallelism is for rotary models"
+    elif spec.dynamic:
+        why = (f"dynamic method '{spec.name}' scales its frequencies by the largest position it sees, which differs "
+               "from shard to shard")
+    elif o.objective == "masked":
+        why = "the masked objective: context parallelism computes causal attention only"
+    if why:
+        raise ValueError(f"context_parallel {cp} cannot be combined with {why}; set context_parallel: 1")
+
+
 def check_options(o: Options, *, check_data: bool = True) -> None:
     """Checks that need no model: run before anything is loaded. ``check_data=False`` skips looking at the data
     sources (to validate a config written for another machine)."""
@@ -425,8 +477,13 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
     for name in ("save_every", "keep_checkpoints", "warmup_steps", "eval_chunks", "loss_chunk"):
         if getattr(o, name) < 0:
             raise ValueError(f"option {name} must be >= 0, got {getattr(o, name)}")
-    if not o.lr > 0:
-        raise ValueError(f"option lr must be > 0, got {o.lr}")
+    if not o.lr > 0 or not math.isfinite(o.lr):
+        raise ValueError(f"option lr must be a finite number > 0, got {o.lr}")
+    if o.lr > 1:  # no optimizer in this recipe has a use for it: AdamW moves every weight by ~lr per step
+        raise ValueError(
+            f"option lr {o.lr:g} is above 1: AdamW would move every trained weight by about {o.lr:g} per step and the "
+            "run diverges at once. Typical: 1e-4..2e-4 for LoRA, ~2e-5 for full fine-tuning (written 2e-4, not 2)"
+        )
     if not 0 <= o.lora_dropout < 1 or not 0 < o.mlm_probability < 1:
         raise ValueError("lora_dropout must be in [0, 1) and mlm_probability in (0, 1)")
     if o.seq_len is not None and o.seq_len < 2:
@@ -441,6 +498,7 @@ def check_options(o: Options, *, check_data: bool = True) -> None:
         raise ValueError("s2attn is causal attention; it cannot train a masked-LM objective")
     if isinstance(o.lora_targets, list) and not o.lora_targets:
         raise ValueError("lora_targets is an empty list; use 'attention', 'all-linear' or module names")
+    check_context_parallel(o, spec)
     if check_data:
         data.resolve_sources(o.data)  # missing files, unknown built-ins, `datasets` not installed
         if o.eval_data:

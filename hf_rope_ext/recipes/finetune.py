@@ -48,7 +48,7 @@ import yaml
 import hf_rope_ext
 from hf_rope_ext import patch_info, patch_model
 from hf_rope_ext.loading import load_model
-from hf_rope_ext.training import adapters, data, io, pose, s2attn
+from hf_rope_ext.training import adapters, data, distributed, io, pose, s2attn
 from hf_rope_ext.training.heldout import heldout_perplexity
 from hf_rope_ext.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 from hf_rope_ext.training.summary import TrainingSummary
@@ -130,6 +130,18 @@ def make_plan(model: Any, tokenizer: Any, o: Options) -> Plan:
     if o.s2attn:
         s2attn.check_s2attn_supported(model)
         s2attn.s2attn_group_size(seq_len, o.s2attn_group_ratio)
+    if o.context_parallel > 1:
+        cp = o.context_parallel
+        if objective != "causal":
+            raise ValueError(f"context_parallel {cp}: {type(model).__name__} is a masked LM; context parallelism "
+                             "computes causal attention only")
+        if seq_len % (2 * cp):
+            raise ValueError(f"context_parallel {cp}: seq_len {seq_len} must be a multiple of {2 * cp} (each "
+                             "process holds 2 of 2 x context_parallel equal chunks of every sequence)")
+        attn = getattr(model.config, "_attn_implementation", None)
+        if attn != "sdpa":
+            raise ValueError(f"context_parallel {cp} replaces SDPA attention with ring attention; the model uses "
+                             f"{attn!r} attention (load it with attn_implementation='sdpa')")
 
     lora_targets: list[str] | str | None = None
     modules_to_save = list(o.modules_to_save)
@@ -376,9 +388,10 @@ def resume_checkpoint(o: Options, root: Path) -> Path | None:
         if latest is None:
             logger.warning("resume: no checkpoint in %s yet, starting from scratch", root)
             return None
-        broken = []
+        broken, found = [], []
         for _, path in reversed(checkpoints):
             problems = io.checkpoint_problems(path)
+            found += problems
             if not problems:
                 if broken:
                     logger.warning(
@@ -389,7 +402,7 @@ def resume_checkpoint(o: Options, root: Path) -> Path | None:
             logger.warning("resume: checkpoint %s is broken: %s", path, "; ".join(problems))
             broken.append(path)
         raise ValueError(
-            f"no checkpoint in {root} can be resumed from; every one has a broken file (see the warnings above). "
+            f"no checkpoint in {root} can be resumed from; every one has a broken file: {'; '.join(found)}. "
             "Start again with --overwrite true"
         )
     if latest is not None and not o.overwrite:
@@ -410,8 +423,12 @@ def evaluate(accelerator: Any, model: Any, chunks: torch.Tensor, kwargs: dict[st
     if scored < per_rank:
         mine = torch.cat([mine, chunks[:1].expand(per_rank - scored, -1)])
     inner = accelerator.unwrap_model(model)  # DDP's wrapper is not needed without gradients; sharded keep hooks
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     part = heldout_perplexity(
-        inner, mine, scored=scored, device=accelerator.device, **{**kwargs, "seed": kwargs["seed"] + rank}
+        inner, mine, scored=scored, device=accelerator.device, chunked_head=not sharded,
+        **{**kwargs, "seed": kwargs["seed"] + rank},
     )
     totals = torch.tensor([part.nll * part.tokens, float(part.tokens)], dtype=torch.float64, device=accelerator.device)
     nll_sum, tokens = accelerator.reduce(totals, reduction="sum").tolist()
@@ -587,18 +604,25 @@ def setup(o: Options) -> Setup:
     from accelerate.utils import DistributedType, set_seed
 
     check_options(o)
-    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
-    world = accelerator.num_processes
+    distributed.check_context_parallel_engine(o.context_parallel)  # FSDP2 + CUDA, or refused
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    parallelism = distributed.parallelism_config(o.context_parallel, launched) if o.context_parallel > 1 else None
+    accelerator = Accelerator(
+        mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum, parallelism_config=parallelism
+    )
+    world = accelerator.num_processes
     if launched != world:  # e.g. torchrun / --multi_gpu on a machine without GPUs: N independent runs would collide
         raise ValueError(
             f"{launched} processes were launched but accelerate sees {world}; on CPU-only machines set "
             "ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N uses gloo then)"
         )
+    engine = distributed.resolve_engine(accelerator)  # FSDP asked for but DDP set up: FSDP2 on CPU, else refused
     out = Path(o.output_dir)
     resumed_from = resume_checkpoint(o, out / "checkpoints")
     logger.info(
-        "hf_rope_ext %s | %d process(es) on %s | output %s", hf_rope_ext.__version__, world, accelerator.device, out
+        "hf_rope_ext %s | %d process(es) on %s, %s%s | output %s", hf_rope_ext.__version__, world,
+        accelerator.device, engine, f", {o.context_parallel}-way context parallel" if o.context_parallel > 1 else "",
+        out,
     )
 
     model, tokenizer = load_and_patch(o)
@@ -618,7 +642,7 @@ def setup(o: Options) -> Setup:
 
     state = TrainState(options={k: getattr(o, k) for k in RESUME_KEYS}, num_processes=world)
     if resumed_from is not None:
-        saved = json.loads((resumed_from / io.COMPLETE_MARKER).read_text())
+        saved = io.read_trainer_state(resumed_from)  # checked by resume_checkpoint; names the file
         changed = resume_mismatch(saved["options"], o)
         if changed:
             raise ValueError(
@@ -631,10 +655,14 @@ def setup(o: Options) -> Setup:
                 saved.get("num_processes"),
             )
         for key in ("step", "tokens", "loss_curve", "elapsed_s", "eval_before"):
-            setattr(state, key, saved[key])
+            setattr(state, key, saved.get(key))
 
     # ---- every check passed: the run starts writing
     if accelerator.is_main_process:
+        interrupted = (out / ".model.old").is_dir() and not (out / "model").exists()
+        if interrupted:  # killed between the two renames of a final save: the moved-aside model is the only copy
+            io.recover_directory(out / "model")
+            logger.warning("restored %s from .model.old (an earlier final save was interrupted)", out / "model")
         if o.overwrite and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
@@ -668,6 +696,8 @@ def setup(o: Options) -> Setup:
     loss_chunk = chunked_loss_size(o, plan, model, accelerator.distributed_type in (DistributedType.FSDP,
                                                                                      DistributedType.DEEPSPEED))
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 replaces the parameters with sharded ones: clip those (the old list would have no gradients)
+    params = [p for p in model.parameters() if p.requires_grad]
     if resumed_from is not None:
         try:
             accelerator.load_state(str(resumed_from))
@@ -694,7 +724,11 @@ def train(s: Setup) -> RunResult | None:
     from tqdm.auto import tqdm
 
     o, plan, accelerator, state = s.o, s.plan, s.accelerator, s.state
-    world, rank = accelerator.num_processes, accelerator.process_index
+    cp = o.context_parallel
+    # the data order counts data-parallel groups: the processes of one context-parallel group share each batch
+    world, rank = distributed.data_parallel_position(
+        accelerator.torch_device_mesh if cp > 1 else None, cp, accelerator.num_processes, accelerator.process_index
+    )
     if s.resumed_from is None and s.eval_chunks is not None:  # the patched model before training (LoRA is a no-op)
         state.eval_before = evaluate(accelerator, s.model, s.eval_chunks, s.eval_kwargs)
         logger.info(
@@ -725,12 +759,22 @@ def train(s: Setup) -> RunResult | None:
                 batch = make_batch(s.train_chunks, indices, o, plan, s.tokenizer, gen)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(s.model):
-                    if s.loss_chunk:  # never [tokens, vocab] logits (long sequences)
+                    if cp > 1:  # the sequence sharded over the group; forward and backward inside the context
+                        full = distributed.context_parallel_batch(batch)
+                        valid = int((full["shift_labels"] != distributed.IGNORE_INDEX).sum())
+                        buffers = [full["input_ids"], full["position_ids"], full["shift_labels"]]
+                        with accelerator.maybe_context_parallel(
+                            buffers=buffers, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(buffers)
+                        ):
+                            loss = distributed.context_parallel_loss(s.model, full, valid, cp)
+                            accelerator.backward(loss)
+                    elif s.loss_chunk:  # never [tokens, vocab] logits (long sequences)
                         labels = batch.pop("labels")
                         loss = chunked_causal_lm_loss(s.model, labels, chunk=s.loss_chunk, **batch)
                     else:
                         loss = s.model(**batch, use_cache=False).loss
-                    accelerator.backward(loss)
+                    if cp == 1:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients and o.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(s.params, o.max_grad_norm)
                     s.optimizer.step()
@@ -797,7 +841,7 @@ def summarize(s: Setup, model: Any, eval_after: dict[str, Any] | None) -> Traini
         steps=state.step,
         tokens=state.tokens,
         seq_len=plan.seq_len,
-        batch_size=o.batch_size * o.grad_accum * world,
+        batch_size=o.batch_size * o.grad_accum * (world // o.context_parallel),  # a CP group shares a batch
         gradient_accumulation_steps=o.grad_accum,
         learning_rate=o.lr,
         warmup_steps=o.warmup_steps,

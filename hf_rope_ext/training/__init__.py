@@ -7,4 +7,6 @@
 - ``adapters``: which modules LoRA targets by default and which LongLoRA trains fully (embeddings, norms).
 - ``heldout``: perplexity on held-out chunks at a given length.
 - ``io``: atomic directory writes and checkpoint discovery.
+- ``distributed``: the engine a launch really trains with (FSDP2 on CPU processes, refusals) and context
+  parallelism's batches (global position ids, labels shifted before sharding).
 """

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class Source:
     """Absolute path, canonical built-in name (``builtin:pydoc``) or dataset name."""
 
 
+_PREFIXED = re.compile(r"^[A-Za-z][\w.+-]+:(?!//)")
+"""``word:rest`` (two letters or more, not ``C:\\`` or a URL): a source prefix; only ``builtin:`` exists."""
+
+
 def resolve_sources(entries: list[str]) -> list[Source]:
     """Check every entry and expand folders; raises ``FileNotFoundError`` / ``ValueError`` with what to fix."""
     if not entries:
@@ -88,6 +93,13 @@ def resolve_sources(entries: list[str]) -> list[Source]:
             sources.append(Source("file", str(path.resolve())))
         elif path.suffix.lower() in FILE_SUFFIXES or entry.startswith((".", "/", "~")):
             raise FileNotFoundError(f"data file not found: {entry}")
+        elif _PREFIXED.match(entry):  # dataset:NAME, hf:NAME, ...: a Hub id never holds a colon
+            prefix, name = entry.split(":", 1)
+            raise ValueError(
+                f"data entry {entry!r}: {prefix + ':'!r} is not a prefix this recipe knows, and it is not a local "
+                f"file or folder. Write a `datasets` name alone (data: [{name.strip() or 'NAME'}], read with "
+                "datasets.load_dataset), a path, or builtin:pydoc / builtin:stdlib"
+            )
         else:
             sources.append(Source("hub", entry))
     if any(s.kind in ("hub", "saved_dataset") for s in sources):

@@ -53,6 +53,7 @@ def heldout_perplexity(
     scored: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    chunked_head: bool = True,
 ) -> HeldOutResult:
     """Perplexity of ``model`` on ``chunks`` ``[n, seq_len]`` (token ids).
 
@@ -60,6 +61,8 @@ def heldout_perplexity(
     masked: BERT-style masking with a fixed seed, so two models are scored on the same masked positions.
     scored: only the first ``scored`` chunks count; the others are run and ignored (keeps the number of forward
     passes equal across processes, which sharded engines need).
+    chunked_head: causal scoring through ``hf_rope_ext.eval``'s chunked LM head where available; False: one forward
+    of the whole model (FSDP / DeepSpeed: their hooks gather the weights only when the root module is called).
     """
     if chunks.ndim != 2 or chunks.shape[0] == 0:
         raise ValueError(f"expected held-out chunks [n, seq_len] with n > 0, got shape {tuple(chunks.shape)}")
@@ -90,7 +93,7 @@ def heldout_perplexity(
             )  # [b, n]
             counted = labels.to(device) != -100
         else:
-            nll = _causal_nll(model, ids.to(device))  # [b, n - 1]
+            nll = _causal_nll(model, ids.to(device), chunked_head)  # [b, n - 1]
             counted = torch.ones_like(nll, dtype=torch.bool)
         rows = torch.arange(start, start + ids.shape[0], device=nll.device) < scored  # [b]: chunks that count
         counted = counted & rows[:, None]
@@ -103,12 +106,14 @@ def heldout_perplexity(
     )
 
 
-def _causal_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _causal_nll(model: nn.Module, ids: torch.Tensor, chunked_head: bool = True) -> torch.Tensor:
     """``[b, n - 1]`` negative log-likelihood of tokens 1..n-1. Uses ``hf_rope_ext.eval``'s chunked LM head when that
     module is present (no ``[b, n, vocab]`` logits at long lengths), else one plain forward."""
     try:
         from hf_rope_ext.eval.perplexity import token_nll
     except ImportError:
+        token_nll = None
+    if not chunked_head:
         token_nll = None
     if token_nll is not None:
         try:

@@ -126,6 +126,36 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+_TRAINER_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "tokens": (int,),
+    "loss_curve": (list,),
+    "elapsed_s": (int, float),
+    "options": (dict,),
+}
+"""What a resumed run reads from ``trainer_state.json``, with the JSON types each must have."""
+
+
+def read_trainer_state(folder: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of a checkpoint folder; ValueError naming the file when it is unreadable, not JSON,
+    or lacks a field a resumed run needs (or has it with the wrong type)."""
+    path = Path(folder) / COMPLETE_MARKER
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    wrong = [
+        f"{key} ({'missing' if key not in state else type(state[key]).__name__})"
+        for key, types in _TRAINER_STATE_FIELDS.items()
+        if not isinstance(state.get(key), types) or isinstance(state.get(key), bool)
+    ]
+    if wrong:
+        raise ValueError(f"{path}: fields missing or of the wrong type: {', '.join(wrong)}")
+    return state
+
+
 def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
     """``"path: what is wrong"`` for each unreadable file of a checkpoint folder (truncated weights or optimizer
     state, an unparsable ``trainer_state.json``); empty when it looks complete."""
@@ -135,9 +165,9 @@ def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
     problems = []
     marker = folder / COMPLETE_MARKER
     try:
-        json.loads(marker.read_text())
-    except (OSError, ValueError) as err:
-        problems.append(f"{marker}: unreadable ({err})")
+        read_trainer_state(folder)
+    except ValueError as err:
+        problems.append(str(err))
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path != marker:
             problem = file_problem(path)
