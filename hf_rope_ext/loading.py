@@ -99,8 +99,8 @@ def declared_class(config: Any) -> type | None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
-"""Any one of these in a model folder means it holds a tokenizer."""
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt", "tiktoken.model")
+"""Any one of these (or a ``*.tiktoken`` file) in a model folder means it holds a tokenizer."""
 
 
 def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def _check_folder(folder: Path) -> None:
             "hf_rope_ext method) but no 'hf_rope_ext' record naming the method: the record was removed by hand; "
             "restore it, or load the original model"
         )
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
         raise FileNotFoundError(
             f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): hf-rope-ext needs the "
             "model's tokenizer next to its weights; save it there, e.g. "

@@ -232,7 +232,10 @@ def test_refusals(folder, damage, message, capsys):
     err = capsys.readouterr().err
     assert "refusing to push" in err and message in err
     assert main(["push", str(folder), "tester/tiny-yarn", "--dry-run"]) == 2
-    assert "this push would be refused" in capsys.readouterr().out
+    captured = capsys.readouterr()  # the listing on stdout, the refusal as one error line on stderr
+    assert f"refused: {message}" in captured.out or message in captured.out
+    assert captured.err.startswith("error: dry run: this push would be refused") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 def test_refuses_offline_before_any_request(folder, monkeypatch):
