@@ -343,10 +343,11 @@ class TrainState:
 
 
 def resume_mismatch(saved: dict[str, Any], o: Options) -> list[str]:
-    """``"key old -> new"`` for each option in RESUME_KEYS that differs between a checkpoint and ``o``."""
-    return [
-        f"{k} {saved.get(k)!r} -> {getattr(o, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(o, k)
-    ]
+    """``"key old -> new"`` for each option in RESUME_KEYS that differs between a checkpoint and ``o``. An option the
+    checkpoint does not record (written before the option existed) counts as its default."""
+    defaults = asdict(Options())
+    old = {k: saved.get(k, defaults[k]) for k in RESUME_KEYS}
+    return [f"{k} {old[k]!r} -> {getattr(o, k)!r}" for k in RESUME_KEYS if old[k] != getattr(o, k)]
 
 
 def save_checkpoint(accelerator: Any, root: Path, state: TrainState, keep: int) -> Path:
