@@ -58,6 +58,7 @@ class Result:
     docs: int
     top1: float
     mrr: float
+    note: str = ""  # where a row did not come from the run that wrote the JSON, how it got there
 
 
 def build_documents(tokenizer, doc_tokens: int = 2000, max_docs: int = 60) -> list[Doc]:
@@ -152,6 +153,7 @@ def run(
     seed: int = 0,
     progress: bool = True,
     chunks: bool = True,
+    original: bool = True,
 ) -> list[Result]:
     from transformers import AutoModel, AutoTokenizer
 
@@ -166,7 +168,8 @@ def run(
     corpora = sorted({d.corpus for d in docs})
     qs = queries(docs, query_tokens, seed)
     results = []
-    for model_name, method in [("original@512", None), *[(f"{m}@{EXTENDED_LEN}", m) for m in methods]]:
+    plan = [("original@512", None)] if original else []
+    for model_name, method in plan + [(f"{m}@{EXTENDED_LEN}", m) for m in methods]:
         start = time.time()
         if method is not None:
             patch_model(model, method=method, factor=EXTENDED_LEN // ORIGINAL_LEN)
@@ -194,11 +197,14 @@ def table(results: list[Result]) -> str:
     lines = ["| corpus | docs | model | far query top-1 | far query MRR | near query top-1 | near query MRR |",
              "|---|---|---|---|---|---|---|"]
     by_key = {(r.corpus, r.model, r.query): r for r in results}
+    notes = list(dict.fromkeys(r.note for r in results if r.note))
     for corpus in sorted({r.corpus for r in results}, reverse=True):
         for model in dict.fromkeys(r.model for r in results if r.corpus == corpus):
             far, near = by_key[(corpus, model, "far")], by_key[(corpus, model, "near")]
-            lines.append(f"| {corpus} | {far.docs} | {model} | {far.top1:.3f} | {far.mrr:.3f} | {near.top1:.3f} | "
-                         f"{near.mrr:.3f} |")
+            mark = "†" * (notes.index(far.note) + 1) if far.note else ""
+            lines.append(f"| {corpus} | {far.docs} | {model}{mark} | {far.top1:.3f} | {far.mrr:.3f} | "
+                         f"{near.top1:.3f} | {near.mrr:.3f} |")
+    lines += [""] * bool(notes) + [f"{'†' * (i + 1)} {note}" for i, note in enumerate(notes)]
     return "\n".join(lines)
 
 
@@ -207,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=60, help="documents per corpus (prose, code)")
     parser.add_argument("--doc-tokens", type=int, default=2000, help="tokens per document (<= 2046)")
     parser.add_argument("--query-tokens", type=int, default=128, help="tokens per query excerpt")
-    parser.add_argument("--methods", nargs="+", default=["copy", "interpolate", "hierarchical"])
+    parser.add_argument("--methods", nargs="*", default=["copy", "interpolate", "hierarchical"],
+                        help="extension methods (none: only the unmodified model, truncated and chunked)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS), help="JSON file for the results (default: %(default)s)")
     parser.add_argument("--report-only", action="store_true", help="print the table from --out; no model")
+    parser.add_argument("--extended-only", action="store_true",
+                        help="with --merge: measure only --methods, keep the unmodified model's rows from --out")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing --out that this run does not measure (same settings only)")
     args = parser.parse_args(argv)
     if args.report_only:
         payload = json.loads(Path(args.out).read_text())
@@ -219,15 +230,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.doc_tokens > EXTENDED_LEN - 2 or args.doc_tokens < ORIGINAL_LEN + args.query_tokens:
         parser.error(f"--doc-tokens must be between {ORIGINAL_LEN + args.query_tokens} and {EXTENDED_LEN - 2}")
+    same = ("docs", "doc_tokens", "query_tokens", "seed")
+    kept: list[dict] = []
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        differ = [k for k in same if old["settings"].get(k) != getattr(args, k)]
+        if differ:
+            parser.error(f"--merge: {args.out} was measured with other settings ({', '.join(differ)}); "
+                         "use the same ones or another --out")
+        kept = old["results"]
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    results = run(args.methods, args.docs, args.doc_tokens, args.query_tokens, args.seed)
-    print(table(results))
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
+    if args.extended_only and not (args.merge and kept):
+        parser.error("--extended-only needs --merge and an existing --out holding the unmodified model's rows")
+    results = run(args.methods, args.docs, args.doc_tokens, args.query_tokens, args.seed,
+                  original=not args.extended_only)
+    measured = {(r.corpus, r.model, r.query) for r in results}
+    rows = [r for r in kept if (r["corpus"], r["model"], r["query"]) not in measured] + [asdict(r) for r in results]
+    first = {"original@512": 0, f"chunks@{ORIGINAL_LEN}": 1}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rows.sort(key=lambda r: (first.get(r["model"], 2), models.index(r["model"])))
+    print(table([Result(**r) for r in rows]))
+    settings = {k: v for k, v in vars(args).items() if k in same}
     payload = {"settings": settings, "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": [asdict(r) for r in results]}
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
