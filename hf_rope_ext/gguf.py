@@ -506,7 +506,7 @@ def export_gguf(
         del reader
     before = converted["rope"]
     changed = {k: (before.get(k), v) for k, v in rope.values.items() if not _same(before.get(k), v)}
-    dropped = sorted(set(converted["rope"]) - set(rope.values))
+    dropped = sorted(k for k in before if k.startswith(rope.key("rope.scaling.")) and k not in rope.values)
     result.update(keys=rope.values, rope_freqs=rope.rope_freqs is not None, how=rope.how, changed=changed,
                   dropped=dropped)
     return result

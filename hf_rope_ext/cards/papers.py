@@ -9,6 +9,7 @@ readers, with versions (the *Limitations* section quotes it). Both are plain dat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,36 @@ LEGACY_TRANSFORMERS = "4.57.6"
 """The transformers 4.x release tests/test_serving.py installs and loads saved checkpoints with."""
 VLLM_SOURCE = "vLLM 0.33.0 (vllm/config/model.py, _get_and_verify_max_len)"
 SGLANG_SOURCE = "SGLang 0.5.23 (sglang/srt/utils/hf_transformers/common.py, get_context_length)"
-NOT_VERIFIED = "not verified: running vLLM, SGLang, TGI or llama.cpp on the checkpoint"
+NOT_VERIFIED = "not verified: running vLLM, SGLang or TGI on the checkpoint (llama.cpp reads a GGUF: see its own line)"
+LLAMA_CPP = "llama.cpp as bundled with llama-cpp-python 0.3.36"
+"""The llama.cpp tests/test_gguf.py builds (PyPI sdist) and runs, and whose sources the GGUF keys were read in."""
+LLAMA_CPP_RUN = {
+    "yarn": "loaded by a real llama.cpp in the slow tests (SmolLM2-135M, yarn x2, the Q4_1 GGUF rewritten by "
+            "`hf-rope-ext patch`), which reports reading rope scaling yarn, freq_scale 0.5, original length 8192 and "
+            "context 16384 from it; llama.cpp's own convert_hf_to_gguf.py writes the same yarn keys from config.json",
+}
+"""llama.cpp's GGUF rope scaling type -> what a real llama.cpp was seen to do with it (tests/test_gguf.py, slow)."""
+
+
+def llama_cpp_support(folder: Any) -> str:
+    """One sentence for the card: whether ``hf-rope-ext export`` can write this saved model as a GGUF llama.cpp runs as
+    the same model, how, and what was verified (a real llama.cpp, or llama.cpp's arithmetic re-implemented in the
+    tests) -- or why it is refused. Empty for a folder without an hf-rope-ext record."""
+    from ..gguf import export_plan
+
+    try:
+        _, rope = export_plan(folder)
+    except (ValueError, KeyError, TypeError) as err:
+        return f"llama.cpp / Ollama: no GGUF export ({err})"
+    if rope is None:
+        return ""
+    how = f"`hf-rope-ext export DIR --format gguf` writes {rope.how}"
+    run = LLAMA_CPP_RUN.get(str(rope.values.get(rope.key("rope.scaling.type"))))
+    if run and rope.rope_freqs is None:
+        return f"llama.cpp / Ollama ({LLAMA_CPP}): {how}; {run}"
+    return (f"llama.cpp / Ollama ({LLAMA_CPP}): {how}; the metadata was checked against llama.cpp's arithmetic "
+            "re-implemented from its sources (same frequencies and attention factor as transformers); not run in a "
+            "real llama.cpp")
 
 
 def _serving(rope_type: str, length_note: str = "") -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..training.summary import TrainingSummary
 from .format import fmt_acc, fmt_bytes, fmt_count, fmt_duration, fmt_factor, fmt_ppl, fmt_value, group, mean, table
-from .papers import ENGINE_SUPPORT, PAPERS
+from .papers import ENGINE_SUPPORT, PAPERS, llama_cpp_support
 from .results import UNPATCHED_LABEL, Plot, Results, ScoreRow, is_this_model
 from .saved import HUB_ID, SavedModel
 
@@ -418,6 +418,8 @@ def limitations(saved: SavedModel, template: str, results: Results) -> list[str]
         for rope_type in sorted(written):
             if rope_type in ENGINE_SUPPORT:
                 items.append(f"Serving: {ENGINE_SUPPORT[rope_type]}. Check the engine version you deploy.")
+        if meta.get("kind") == "rope" and (line := llama_cpp_support(saved.folder)):
+            items.append(line + ".")
         if meta.get("kind") == "absolute":
             items.append("Serving: the position table itself was resized, so every engine that loads the weights "
                          "runs the extended model as saved.")
