@@ -31,9 +31,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp checkout or unpacked llama-cpp-python sdist holding convert_hf_to_gguf.py "
                         "(default: $HF_ROPE_EXT_LLAMA_CPP)")
     p.add_argument("--converter-python", default=None, metavar="PYTHON",
-                   help="python to run the converter with; it needs llama.cpp's converter requirements "
-                        "(requirements/requirements-convert_hf_to_gguf.txt; here sentencepiece beside this package "
-                        "suffices). Default: this python")
+                   help="python to run the converter with: transformers 5, torch and sentencepiece (llama.cpp's "
+                        "pinned transformers 4.57.6 cannot read a tokenizer saved by transformers 5). Default: this "
+                        "python")
 
 
 @subcommand("export", "export a saved model folder for another runtime (GGUF for llama.cpp)", _export_args,
