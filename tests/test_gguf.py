@@ -89,10 +89,13 @@ def llama_cpp_python() -> Path:
         "CMAKE_ARGS": "-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON",
     }
     start = time.time()
-    proc = subprocess.run(
-        ["nice", "-n", "10", str(python), "-m", "pip", "install", "--quiet", str(tar)],
-        capture_output=True, text=True, timeout=3600, env=env,
-    )
+    try:  # minutes on 2 free cores; over an hour on 2 cores shared with four other jobs
+        proc = subprocess.run(
+            ["nice", "-n", "10", str(python), "-m", "pip", "install", "--quiet", str(tar)],
+            capture_output=True, text=True, timeout=7200, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"building llama-cpp-python=={LLAMA_CPP_PYTHON} took over 2 hours (a loaded machine?)")
     if proc.returncode != 0:
         pytest.skip(f"cannot build llama-cpp-python=={LLAMA_CPP_PYTHON}: {proc.stderr[-2000:]}")
     (venv / ".complete").write_text(f"{LLAMA_CPP_PYTHON}\nbuilt in {time.time() - start:.0f} s\n")
