@@ -241,12 +241,60 @@ def register_legacy_mirror() -> None:
         PreTrainedConfig.to_json_string = _with_legacy_mirror(PreTrainedConfig.to_json_string)
 
 
+STRICT_ROPE_CONFIGS = (
+    ("transformers.models.phi3.configuration_phi3", "Phi3Config"),
+    ("transformers.models.phimoe.configuration_phimoe", "PhimoeConfig"),
+)
+"""Config classes whose own ``validate_rope`` accepts only rope types ``default`` / ``longrope`` (transformers 5.x),
+so a model patched with an attention-level method could be neither saved nor loaded."""
+
+
+def _accepting_attention_type(validate: Any) -> Any:
+    """``validate_rope`` of a strict config class, made to check ``ATTENTION_ROPE_TYPE`` as what it is: the trained
+    RoPE (``default``) under the plugin's name. Without the plugin the class still refuses it (no silent load)."""
+
+    @functools.wraps(validate)
+    def validate_rope(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rp = getattr(self, "rope_parameters", None)
+        if isinstance(rp, dict) and rp.get("rope_type") == ATTENTION_ROPE_TYPE:
+            rp["rope_type"] = "default"
+            try:
+                return validate(self, *args, **kwargs)
+            finally:
+                rp["rope_type"] = ATTENTION_ROPE_TYPE
+        return validate(self, *args, **kwargs)
+
+    validate_rope._hf_rope_ext = True
+    return validate_rope
+
+
+def register_strict_configs() -> None:
+    """Wrap the ``validate_rope`` of :data:`STRICT_ROPE_CONFIGS` (those present in this transformers). Idempotent."""
+    import importlib
+
+    for module_name, class_name in STRICT_ROPE_CONFIGS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        own = cls.__dict__.get("validate_rope")
+        if own is None or getattr(own, "_hf_rope_ext", False):
+            continue
+        wrapped = _accepting_attention_type(own)
+        cls.validate_rope = wrapped
+        # huggingface_hub's @strict dataclasses run the validators listed when the class was made
+        validators = cls.__dict__.get("__class_validators__")
+        if isinstance(validators, list):
+            validators[:] = [wrapped if v is own else v for v in validators]
+
+
 def register_all() -> None:
     for spec in registry.METHODS.values():
         register_plugin_type(spec)
     registry.ON_REGISTER.append(register_plugin_type)
     ROPE_INIT_FUNCTIONS[ATTENTION_ROPE_TYPE] = _attention_init_fn
     setattr(RotaryEmbeddingConfigMixin, f"_validate_{ATTENTION_ROPE_TYPE}_rope_parameters", lambda *a, **k: None)
+    register_strict_configs()
     register_legacy_mirror()
 
 

@@ -320,10 +320,11 @@ def test_logn_on_attention_methods_matches_reference(method):
     assert_matches_reference(tiny_model("llama"), method, 100, logn=True)
 
 
-def test_save_and_reload_with_and_without_the_plugin(tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])  # phi3: its config class accepts only default/longrope
+def test_save_and_reload_with_and_without_the_plugin(tmp_path, model_type):
     from .utils import run_python
 
-    model = tiny_model("llama")
+    model = family_model(model_type)
     ids = torch.randint(3, VOCAB, (1, 100))
     patch_model(model, "dca", factor=2, **SETTINGS["dca"])
     with torch.no_grad():
