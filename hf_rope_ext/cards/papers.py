@@ -127,7 +127,9 @@ LLAMA_CPP = "llama.cpp as bundled with llama-cpp-python 0.3.36"
 LLAMA_CPP_RUN = {
     "yarn": "loaded by a real llama.cpp in the slow tests (SmolLM2-135M, yarn x2, the Q4_1 GGUF rewritten by "
             "`hf-rope-ext patch`), which reports reading rope scaling yarn, freq_scale 0.5, original length 8192 and "
-            "context 16384 from it; llama.cpp's own convert_hf_to_gguf.py writes the same yarn keys from config.json",
+            "context 16384 from it, and scores 12288 tokens at perplexity 11.27 where transformers gives 11.23 for "
+            "the same weights (every 2048-token bucket within 0.5 %; the unextended GGUF collapses past 8k in both); "
+            "llama.cpp's own convert_hf_to_gguf.py writes the same yarn keys from config.json",
 }
 """llama.cpp's GGUF rope scaling type -> what a real llama.cpp was seen to do with it (tests/test_gguf.py, slow)."""
 
