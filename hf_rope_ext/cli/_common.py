@@ -116,26 +116,26 @@ def patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["repatch"] = True
     return kwargs
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a chunk size, a count, a stride)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, meaning: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, refused with ``meaning`` in the message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (an offset)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+"""argparse type: an integer >= 1 (a chunk size, a count, a stride)."""
+non_negative_int = _int_at_least(0, "0 or more")
+"""argparse type: an integer >= 0 (an offset)."""
 
 
 def parse_lengths(text: str) -> list[int]:
