@@ -516,3 +516,13 @@ def test_long_sequence_with_default_query_blocks_matches_reference(method, param
     want = reference_logits(model, method, params, ids, torch.ones_like(ids), torch.arange(n)[None])
     print(f"{method}: max |logit difference| {float((got - want).abs().max()):.2e}")
     torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_patch_info_says_transformers4_cannot_express_it(method):
+    """The attention methods' rope type exists only with the plugin: patch_info says transformers 4 reads plain RoPE."""
+    model = tiny_model("llama")
+    patch_model(model, method, factor=2, **SETTINGS[method])
+    legacy = patch_info(model)["transformers4"]
+    assert legacy["expressed"] is False
+    assert "does not exist in transformers 4" in legacy["reason"] and "plain RoPE" in legacy["reason"]

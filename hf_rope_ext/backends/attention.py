@@ -188,6 +188,8 @@ def plan(
             "original_rope_parameters": original_rp,
             "original_config": original_config,
             "layer_types": None,
+            # transformers 4.x cannot express it (the rope type is the plugin's): patch_info and the card say so
+            "transformers4": serialization.transformers4_support({"rope_parameters": rope_parameters}),
         },
     )
 
