@@ -13,8 +13,10 @@ Every reader: transformers 5 reads ``rope_parameters`` (theta inside); transform
 running transformers 4 read ``rope_scaling`` and a top-level ``rope_theta`` and, given only ``rope_parameters``, build
 plain RoPE with theta 10000 without a word. So the config.json of a patched model also carries that legacy mirror
 whenever it expresses the same model (``legacy_mirror``), written by ``register_all``'s hook on
-``PreTrainedConfig.to_json_string``. The mirror follows the serving engines' rule for the served length (see
-``legacy_mirror``), so vLLM and SGLang advertise the patched length.
+``PreTrainedConfig.to_json_string``; for a plugin rope type it carries a ``rope_scaling`` naming that type instead
+(``legacy_guard``), so transformers 4 refuses the checkpoint rather than loading a different model. The mirror
+follows the serving engines' rule for the served length (see ``legacy_mirror``), so vLLM and SGLang advertise the
+patched length.
 """
 
 from __future__ import annotations
@@ -204,14 +206,45 @@ def legacy_mirror(config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
     return mirror, None
 
 
+def legacy_guard(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """For a plugin rope type (which no transformers 4 release has): the keys that make transformers 4 *refuse*
+    config.json instead of building plain RoPE from it without a word, or None for any other config.
+
+    Given only ``rope_parameters``, transformers 4.4x-4.57 reads neither the rope type nor the theta (it builds the
+    trained RoPE with theta 10000). With ``rope_scaling`` naming the plugin type, its rotary embedding looks the type
+    up in ``ROPE_INIT_FUNCTIONS`` (``modeling_rope_utils``) and stops with a KeyError whose text is the type, which
+    ends in "(requires: import hf_rope_ext)"; serving engines reading ``rope_scaling`` refuse the unknown type too.
+    transformers 5 gives ``rope_scaling`` precedence (``convert_rope_params_to_dict``), so it carries every field and
+    transformers 5 builds the same model from it as from ``rope_parameters``."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, Mapping) or not is_plugin_rope_type(rope.get("rope_type")) or "rope_theta" not in rope:
+        return None
+    guard: dict[str, Any] = {"rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:
+        guard["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    fields = {k: copy.deepcopy(v) for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    guard["rope_scaling"] = {**fields, "type": rope["rope_type"]}
+    return guard
+
+
 def transformers4_support(config: Mapping[str, Any]) -> dict[str, Any]:
     """For ``patch_info``: whether config.json also carries the legacy mirror, and why not when it does not."""
     mirror, reason = legacy_mirror(config)
     if mirror is not None:
         return {"expressed": True, "reader": LEGACY_READER, "keys": sorted(mirror)}
+    if legacy_guard(config) is not None:
+        return {
+            "expressed": False,
+            "reader": LEGACY_READER,
+            "refused": True,
+            "reason": f"{reason}: config.json names it in rope_scaling too, so transformers 4 refuses to build the "
+            "model (KeyError naming the rope type) instead of building plain RoPE; load it with transformers 5 and "
+            "`import hf_rope_ext`",
+        }
     return {
         "expressed": False,
         "reader": LEGACY_READER,
+        "refused": False,
         "reason": f"{reason}: transformers 4 would build plain RoPE from this config.json; load it with "
         "transformers 5 (and `import hf_rope_ext` where the rope type names it)",
     }
@@ -225,6 +258,8 @@ def _with_legacy_mirror(to_json_string: Any) -> Any:
             return text
         config = json.loads(text)
         mirror, _ = legacy_mirror(config)
+        if mirror is None:
+            mirror = legacy_guard(config)
         if mirror is None:
             return text
         config.update(mirror)

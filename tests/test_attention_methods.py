@@ -8,15 +8,17 @@ no re-rotation trick, nothing from hf_rope_ext.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from .conftest import ORIGINAL_LEN, VOCAB, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hf_rope_ext import families, patch_info, patch_model, unpatch_model
+
+from .conftest import ORIGINAL_LEN, VOCAB, tiny_model
 
 L = ORIGINAL_LEN  # 64
 
@@ -520,9 +522,15 @@ def test_long_sequence_with_default_query_blocks_matches_reference(method, param
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_patch_info_says_transformers4_cannot_express_it(method):
-    """The attention methods' rope type exists only with the plugin: patch_info says transformers 4 reads plain RoPE."""
+    """The attention methods' rope type exists only with the plugin: patch_info says transformers 4 cannot build it,
+    and config.json names the type in rope_scaling (what 4.x reads), so 4.x refuses it (tests/test_serving.py loads
+    one in a real 4.57) instead of building plain RoPE."""
     model = tiny_model("llama")
     patch_model(model, method, factor=2, **SETTINGS[method])
     legacy = patch_info(model)["transformers4"]
-    assert legacy["expressed"] is False
-    assert "does not exist in transformers 4" in legacy["reason"] and "plain RoPE" in legacy["reason"]
+    assert legacy["expressed"] is False and legacy["refused"] is True
+    assert "does not exist in transformers 4" in legacy["reason"] and "refuses" in legacy["reason"]
+    config = json.loads(model.config.to_json_string())
+    rope_type = config["rope_parameters"]["rope_type"]
+    assert config["rope_scaling"]["rope_type"] == config["rope_scaling"]["type"] == rope_type
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
