@@ -375,7 +375,8 @@ def report(data: dict) -> str:
             if name == "pydoc" and pk:
                 passkey_cell = (f"{sum(v['correct'] for v in pk.values())}/{sum(v['total'] for v in pk.values())} ("
                                 + ", ".join(f"{d}: {v['correct']}/{v['total']}" for d, v in pk.items()) + ")")
-            original = sec.get(f"{name}_original_ppl_8k")
+            # the unpatched model on the same tokens: measured once (before), the same reference for after
+            original = sec.get(f"{name}_original_ppl_8k", data.get("before", {}).get(f"{name}_original_ppl_8k"))
             rows.append(f"| {label} | {text} | {fmt(w['ppl_16k'])} | {fmt(w['ppl_8k_16k'])} | "
                         f"{fmt(c.get('ppl_8k_16k'))} | {fmt(w['ppl_8k'])} | {fmt(original)} | {passkey_cell} |")
     pk8 = data.get("before", {}).get("original_passkey_8k", {})
@@ -386,11 +387,14 @@ def report(data: dict) -> str:
     head = ("| model | text | PPL 0–16k | PPL 8k–16k | same positions, 8k sliding window | PPL 0–8k | "
             "unpatched PPL 0–8k | passkey 16k |\n|---|---|---:|---:|---:|---:|---:|---|")
     train = data.get("train", {})
+    processes = (data.get("train_processes") or {}).values()
+    cpu_note = f", {sum(r['cpu_seconds'] for r in processes) / 60:.1f} process CPU-min" if processes else ""
     lines = [head, *rows]
     if train:
         lines.append("")
         lines.append(f"Training: {train.get('steps')} steps, {train.get('tokens')} tokens, "
-                     f"{fmt(train.get('minutes'), 1)} min ({train.get('train_mode')}, seq_len {train.get('seq_len')}, "
+                     f"{fmt(train.get('minutes'), 1)} min wall{cpu_note} ({train.get('train_mode')}, "
+                     f"seq_len {train.get('seq_len')}, "
                      f"lr {train.get('learning_rate')}); loss {fmt(train.get('loss_first'), 3)} → "
                      f"{fmt(train.get('final_loss'), 3)}.")
     return "\n".join(lines)

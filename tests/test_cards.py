@@ -194,6 +194,24 @@ def test_card_metadata_parses_and_validates(yarn_dir, results, tmp_path):
     assert ModelCard(str(card)).data.to_dict() == data.to_dict()
 
 
+def test_model_index_keeps_each_local_text_under_its_own_name(yarn_dir, tmp_path):
+    """Two texts that are not Hub datasets: after the card is written and read back, each figure is listed under its
+    own text (huggingface_hub merges entries of one dataset type under the first one's name)."""
+    from huggingface_hub import ModelCard
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps({"kind": "rows", "rows": [
+        {"task": "perplexity", "length": 256, "value": 9.5, "dataset": "Python docs (builtin:pydoc)"},
+        {"task": "perplexity", "length": 256, "value": 6.25, "dataset": "Python stdlib source"},
+        {"task": "perplexity", "length": 256, "value": 7.0, "dataset": "emozilla/pg19"},
+    ]}))
+    path = write_card(yarn_dir, results=[rows], repo_id="tester/tiny-yarn")
+    got = {r.metric_value: (r.dataset_name, r.dataset_type) for r in ModelCard.load(path).data.eval_results}
+    assert got[9.5][0] == "Python docs (builtin:pydoc)" and got[6.25][0] == "Python stdlib source"
+    assert got[7.0] == ("emozilla/pg19", "emozilla/pg19")
+    assert len({t for _, t in got.values()}) == 3
+
+
 def test_card_text_states_method_parameters_and_lengths_from_config(yarn_dir):
     text = render_card(yarn_dir)
     meta = _config_meta(yarn_dir)
@@ -263,6 +281,15 @@ def test_card_tables_carry_the_numbers_from_the_results_files(yarn_dir, results)
     assert "`seed`" not in training  # not recorded: not shown
     assert '"max_steps": 400' in training  # the options, folded
     assert "and the fine-tuning described above" in body
+
+
+def test_training_data_shows_local_files_by_name_only(yarn_dir, tmp_path):
+    """A card is published: the trainer's absolute paths are not, Hub ids and relative names are shown as given."""
+    local = tmp_path / "private" / "corpus" / "train.txt"
+    text = render_card(yarn_dir, training=_summary(data=[str(local), "emozilla/pg19", "notes.txt"]))
+    row = next(line for line in text.splitlines() if line.startswith("| `data` |"))
+    assert "| train.txt (local file), emozilla/pg19, notes.txt |" in row
+    assert str(tmp_path) not in text and "private" not in text
 
 
 def test_training_summary_object_folder_and_default(yarn_dir):

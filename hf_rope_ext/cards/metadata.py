@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,18 @@ _DEFAULT_DATASET = {
 }
 
 
+def _dataset_type(dataset: str | None, default_type: str) -> str:
+    """model-index ``dataset.type``: the Hub id when the dataset is one, else a slug of its name. huggingface_hub
+    groups metrics into one model-index entry by (task, dataset type, config, split, revision) and keeps the first
+    entry's dataset *name* (``EvalResult.unique_identifier``), so two local texts sharing one type would have the
+    second's figures listed under the first's name."""
+    if not dataset:
+        return default_type
+    if HUB_ID.match(dataset):
+        return dataset
+    return re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-") or default_type
+
+
 def eval_results(results: Results, meta: Mapping[str, Any], task_type: str) -> list[Any]:
     """model-index entries (this model's own rows only) as huggingface_hub EvalResult objects."""
     from huggingface_hub import EvalResult
@@ -107,7 +120,7 @@ def eval_results(results: Results, meta: Mapping[str, Any], task_type: str) -> l
             default_type, default_name = _DEFAULT_DATASET[task]
             out.append(EvalResult(
                 task_type=task_type,
-                dataset_type=dataset if dataset and HUB_ID.match(dataset) else default_type,
+                dataset_type=_dataset_type(dataset, default_type),
                 dataset_name=dataset or default_name,
                 metric_type=metric,
                 metric_value=value,

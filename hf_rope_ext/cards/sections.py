@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Any
 
 from ..training.summary import TrainingSummary
@@ -286,9 +287,18 @@ def _listing(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else fmt_value(value)
 
 
+def _data_listing(value: Any) -> str:
+    """Training sources; a local absolute path shows its file name only (a card is published: the folder layout of
+    the machine that trained it is neither useful to readers nor theirs to see)."""
+    items = value if isinstance(value, list) else [value]
+    shown = [f"{PurePath(v).name} (local file)" if isinstance(v, str) and PurePath(v).is_absolute() else v
+             for v in items]
+    return _listing(shown if isinstance(value, list) else shown[0])
+
+
 _TRAINING_FORMAT: dict[str, Any] = {
     "factor": fmt_factor,
-    "data": _listing,
+    "data": _data_listing,
     "tokens": fmt_count,
     "wall_time_s": fmt_duration,
     "tokens_per_s": lambda v: f"{v:,.0f} tokens/s",
