@@ -78,14 +78,21 @@ def report(state: dict) -> str:
     search = state.get("search") or {}
     lines = []
     if search:
+        fresh = [c for c in search["candidates"] if not c.get("resumed")]
+        evaluating = sum(c["seconds"] for c in fresh)  # the candidates' own times; the rest is validation
+        best = min(search["candidates"], key=lambda c: c["score"])
+        found = [c for c in search["candidates"] if not c["origin"].startswith("seed")]
         lines += [
             f"Search: objective `{search['objective']}` at {search['eval_length']} tokens on "
-            f"{', '.join(search['texts'])}; {search['evaluations']} evaluations in {search['seconds'] / 60:.1f} min "
-            f"({search['seconds'] / max(1, search['evaluations'] - search['resumed_evaluations']):.0f} s each incl. "
-            f"patching; stopped by {search['stopped']}); dimensions {search['searched_dims'][0]}–"
+            f"{', '.join(search['texts'])}; {search['evaluations']} evaluations in {evaluating / 60:.1f} min "
+            f"({evaluating / max(1, len(fresh)):.0f} s each incl. patching; stopped by {search['stopped']}; "
+            f"validation {max(0.0, search['seconds'] - evaluating) / 60:.1f} min more); dimensions "
+            f"{search['searched_dims'][0]}–"
             f"{search['searched_dims'][-1]} searched; best NLL {search['score']:.4f} "
             f"(seeds: " + ", ".join(f"{c['origin'].split(':')[1]} {c['score']:.4f}" for c in search["candidates"]
-                                    if c["origin"].startswith("seed")) + ").",
+                                    if c["origin"].startswith("seed")) + "). "
+            f"Best candidate: #{best['index']} ({best['origin']}, generation {best['generation']})"
+            + (f"; best candidate the search itself made: {min(c['score'] for c in found):.4f}." if found else "."),
             "",
             "Best factors: " + ", ".join(f"{x:.3g}" for x in search["factors"]),
             "",
