@@ -410,10 +410,11 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
             {"text": "builtin:pydoc@20000", "method": "yarn", "length": 16384, "ppl_window": 11.2,
              "ppl_beyond": 11.73}]
     search = {"objective": "beyond", "eval_length": 16384, "texts": ["builtin:pydoc@60000"], "evaluations": 3,
-              "resumed_evaluations": 0, "seconds": 450.0, "stopped": "budget", "searched_dims": [20, 31],
+              "resumed_evaluations": 0, "seconds": 510.0, "stopped": "budget", "searched_dims": [20, 31],
               "score": 2.3, "factors": [1.0, 2.0],
-              "candidates": [{"origin": "seed:pi", "score": 2.5}, {"origin": "seed:yarn", "score": 2.4},
-                             {"origin": "mutation", "score": 2.3}]}
+              "candidates": [{"index": 0, "generation": 0, "origin": "seed:pi", "score": 2.5, "seconds": 140.0},
+                             {"index": 1, "generation": 0, "origin": "seed:yarn", "score": 2.4, "seconds": 150.0},
+                             {"index": 2, "generation": 1, "origin": "mutation", "score": 2.3, "seconds": 160.0}]}
     out = tmp_path / "r.json"
     out.write_text(json.dumps({"search": search, "validation": rows,
                                "control": {"builtin:pydoc@20000": {"ppl_8k_16k": 11.41}}}))
@@ -421,4 +422,7 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| builtin:pydoc@20000 | longrope (searched) | 10.50 | 11.00 | -6.2 % |" in text  # 10.5 / 11.2 - 1
     assert "| builtin:pydoc@20000 | none, 8k sliding window (control) | – | 11.41 | – |" in text
-    assert "3 evaluations in 7.5 min (150 s each" in text and "pi 2.5000, yarn 2.4000" in text
+    # the evaluations' own seconds (450 s); the rest of the 510 s is validation
+    assert "3 evaluations in 7.5 min (150 s each" in text and "validation 1.0 min more" in text
+    assert "pi 2.5000, yarn 2.4000" in text
+    assert "Best candidate: #2 (mutation, generation 1); best candidate the search itself made: 2.3000." in text
