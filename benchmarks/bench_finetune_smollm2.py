@@ -77,10 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", default=str(ROOT / "runs" / "smollm2-16k-finetune"), help="run folder of the fine-tune")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/smollm2_finetune_16k.json)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="with --report-only: one row per results JSON (e.g. one per --method), the same budget side "
+                        "by side")
     args = p.parse_args(argv)
     unknown = sorted(set(args.stages.split(",")) - set(STAGES))
     if unknown:
         p.error(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    if args.compare and not args.report_only:
+        p.error("--compare goes with --report-only (it reads results JSONs; it measures nothing)")
     if args.length <= ORIGINAL or args.length % BUCKET:
         p.error(f"--length must exceed {ORIGINAL} and be a multiple of {BUCKET}")
     args.out = Path(args.out or RESULTS / f"smollm2_finetune_{args.length // 1024}k.json")
@@ -314,7 +319,8 @@ def stage_train(args: argparse.Namespace, state: State, files: list[Path]) -> No
     summary = json.loads(summary_path.read_text())
     state.set("train", {k: summary.get(k) for k in (
         "method", "factor", "train_mode", "steps", "tokens", "seq_len", "batch_size", "learning_rate",
-        "wall_time_s", "tokens_per_s", "peak_memory_bytes", "loss_first", "final_loss", "eval_before", "eval_after")})
+        "wall_time_s", "tokens_per_s", "peak_memory_bytes", "loss_first", "final_loss", "loss_curve", "eval_before",
+        "eval_after")})
     state.data["train"]["minutes"] = (summary.get("wall_time_s") or 0) / 60
     # CPU seconds of the whole training process(es) (load, data, loop, merge, save) over 2 cores: the wall minutes an
     # idle 2-core machine would need, whatever else shared the machine while it ran
@@ -400,6 +406,49 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _arrow(before, after) -> str:
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+def compare(runs: list[tuple[str, dict]]) -> str:
+    """One row per run (results JSON of one ``--method``), the same texts and budget: how far each method's fine-tune
+    got. The controls (the unpatched model) do not depend on the method; each run measured them again, and the line
+    under the table gives the first run's (and says when another run's differ)."""
+    head = ("| method | steps | process CPU-min | training loss first → last | pydoc 8k–16k before → after | "
+            "held-out 8k–16k before → after | held-out 8k–16k, own 8k window (after) | held-out 0–8k before → after "
+            "| passkey 16k after |\n|---|---:|---:|---|---|---|---:|---|---|")
+    rows, controls = [], []
+    for name, data in runs:
+        b, a, t = data.get("before", {}), data.get("after", {}), data.get("train", {})
+        method = data.get("meta", {}).get("method", "?")
+        processes = (data.get("train_processes") or {}).values()
+        cpu = sum(r["cpu_seconds"] for r in processes) / 60 if processes else None
+
+        def get(sec: dict, text: str, key: str):
+            return sec.get(text, {}).get(key)
+
+        pk = a.get("passkey", {})
+        passkey_cell = (f"{sum(v['correct'] for v in pk.values())}/{sum(v['total'] for v in pk.values())}"
+                        if pk else "not run")
+        rows.append(
+            f"| {method} | {t.get('steps', '–')} | {fmt(cpu, 1)} | "
+            f"{fmt(t.get('loss_first'), 3)} → {fmt(t.get('final_loss'), 3)} | "
+            f"{_arrow(get(b, 'pydoc', 'ppl_8k_16k'), get(a, 'pydoc', 'ppl_8k_16k'))} | "
+            f"{_arrow(get(b, 'heldout', 'ppl_8k_16k'), get(a, 'heldout', 'ppl_8k_16k'))} | "
+            f"{fmt(get(a, 'heldout_window_control', 'ppl_8k_16k'))} | "
+            f"{_arrow(get(b, 'heldout', 'ppl_8k'), get(a, 'heldout', 'ppl_8k'))} | {passkey_cell} |")
+        controls.append((name, tuple(fmt(get(b, key, "ppl_8k_16k")) for key in
+                                     ("pydoc_window_control", "heldout_window_control"))
+                         + (fmt(b.get("heldout_original_ppl_8k")),)))
+    first = controls[0][1] if controls else ("–",) * 3
+    note = (f"Unpatched model (the controls): positions 8k–16k through its 8k sliding window {first[0]} (pydoc), "
+            f"{first[1]} (held-out); held-out 0–8k {first[2]}.")
+    differing = [name for name, c in controls if c != first]
+    if differing:
+        note += " Different in " + ", ".join(differing) + "."
+    return "\n".join([head, *rows, "", note])
+
+
 def card_rows(data: dict, length: int) -> dict:
     """The after-model's figures as the model card's ``rows`` format."""
     rows = []
@@ -418,6 +467,15 @@ def card_rows(data: dict, length: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state = State(args)
+    if args.report_only and args.compare:
+        runs = []
+        for name in args.compare:
+            path = Path(name) if Path(name).is_absolute() else ROOT / name
+            if not path.is_file():
+                raise SystemExit(f"--compare: no results JSON at {name}")
+            runs.append((name, json.loads(path.read_text())))
+        print(compare(runs))
+        return 0
     if args.report_only:
         print(report(state.data))
         return 0

@@ -114,3 +114,39 @@ def test_chunked_embedding_is_the_mean_of_its_pieces() -> None:
                 vecs.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1))
             want.append(torch.nn.functional.normalize(torch.stack(vecs).mean(0), dim=-1))
     torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_compare_rows_and_controls(tmp_path) -> None:
+    """bench_finetune_smollm2.py --report-only --compare: one row per JSON in the given order, before → after of each
+    text, and the controls line names a run whose unpatched control differs from the first's."""
+    import json
+
+    def run(method: str, before: float, after: float, control: float) -> dict:
+        text = {"ppl_16k": 1.0, "ppl_8k_16k": before, "ppl_8k": 2.0}
+        return {"meta": {"method": method},
+                "before": {"pydoc": text, "heldout": text, "pydoc_window_control": {"ppl_8k_16k": control},
+                           "heldout_window_control": {"ppl_8k_16k": 3.0}, "heldout_original_ppl_8k": 4.0},
+                "after": {"pydoc": {**text, "ppl_8k_16k": after}, "heldout": {**text, "ppl_8k_16k": after},
+                          "heldout_window_control": {"ppl_8k_16k": 5.0}},
+                "train": {"steps": 30, "loss_first": 2.5, "final_loss": 2.0},
+                "train_processes": {"0": {"cpu_seconds": 600.0}, "1": {"cpu_seconds": 300.0}}}
+
+    paths = []
+    for method, before, after, control in (("yarn", 11.0, 9.5, 10.0), ("linear", 12.0, 9.0, 10.0),
+                                           ("ntk_by_parts", 11.5, 9.25, 10.5)):
+        paths.append(tmp_path / f"{method}.json")
+        paths[-1].write_text(json.dumps(run(method, before, after, control)))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finetune_smollm2.py"), "--report-only",
+                           "--compare", *map(str, paths)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["yarn", "linear", "ntk_by_parts"]
+    assert rows[1].split("|")[3].strip() == "15.0"  # (600 + 300) CPU-seconds / 60
+    assert rows[1].split("|")[5].strip() == "12.00 → 9.00"  # pydoc 8k-16k before → after
+    assert rows[2].split("|")[6].strip() == "11.50 → 9.25"  # held-out
+    assert rows[0].split("|")[9].strip() == "not run"  # passkey not measured after
+    assert "8k sliding window 10.00 (pydoc), 3.00 (held-out); held-out 0–8k 4.00." in proc.stdout
+    assert f"Different in {paths[2]}." in proc.stdout and str(paths[1]) not in proc.stdout.split("Different")[1]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finetune_smollm2.py"), "--compare",
+                          str(paths[0])], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and "--compare goes with --report-only" in bad.stderr
