@@ -24,6 +24,8 @@ Stages (each finished measurement is written to ``--out`` at once and skipped wh
             - the same PPL figures and control on the held-out window (``builtin:stdlib`` from ``--heldout-offset``);
             - passkey at 16k, depths 0.1/0.3/0.5/0.7/0.9, ``--passkey-trials`` keys each (``passkey_accuracy``,
               seed 0; the prompts of benchmark 5).
+            The unpatched figures do not depend on ``--method``: ``--controls-from`` copies them from another run's
+            JSON of the same windows (checked) instead of measuring them again — how the method comparison ran.
 ``train``   ``hf-rope-ext finetune --config smollm2_16k_pose_yarn`` (PoSE windows of 2048 tokens spanning 16k, LoRA
             + embeddings + norms = ``longlora``), in a subprocess, on the training files; ``--resume`` continues a
             killed run. Steps, tokens and wall minutes come from its ``training_summary.json``.
@@ -74,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passkey-trials", type=int, default=2)
     p.add_argument("--skip-passkey", action="store_true",
                    help="perplexity figures only in the before/after stages (run again without it to add passkey)")
+    p.add_argument("--controls-from", default=None, metavar="JSON",
+                   help="take the unpatched model's figures (8k-window controls, original PPL 0-8k, 8k passkey "
+                        "ceiling) from another run's results JSON of the same windows instead of measuring them again "
+                        "(they do not depend on --method)")
     p.add_argument("--run", default=str(ROOT / "runs" / "smollm2-16k-finetune"), help="run folder of the fine-tune")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/smollm2_finetune_16k.json)")
     p.add_argument("--report-only", action="store_true")
@@ -282,12 +288,47 @@ def measure(label: str, model, tok, args: argparse.Namespace, state: State, *, u
                   f"{pk8[str(depth)]['total']}", flush=True)
 
 
+# the before-section keys measured on the unpatched model alone (no --method in them)
+UNPATCHED_KEYS = ("pydoc_window_control", "heldout_window_control", "pydoc_original_ppl_8k",
+                  "heldout_original_ppl_8k", "original_passkey_8k")
+SAME_WINDOWS = ("length", "eval_text", "eval_offset", "heldout_text", "heldout_offset", "passkey_depths",
+                "passkey_trials")
+
+
+def copy_controls(args: argparse.Namespace, state: State) -> list[str]:
+    """The unpatched figures of ``--controls-from`` copied into this run's ``before`` (missing ones only), after
+    checking that run measured the same windows; returns the keys copied."""
+    path = Path(args.controls_from)
+    if not path.is_file():
+        raise SystemExit(f"--controls-from: no results JSON at {path}")
+    other = json.loads(path.read_text())
+    ours = {"length": args.length, "eval_text": "builtin:pydoc", "eval_offset": args.offset,
+            "heldout_text": args.heldout, "heldout_offset": args.heldout_offset, "passkey_depths": list(DEPTHS),
+            "passkey_trials": args.passkey_trials}
+    theirs = other.get("meta", {})
+    differ = [f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in SAME_WINDOWS if theirs.get(k) != ours[k]]
+    if differ:
+        raise SystemExit(f"--controls-from {path}: measured other windows ({'; '.join(differ)})")
+    sec, copied = state.section("before"), []
+    for key in UNPATCHED_KEYS:
+        if key in other.get("before", {}) and key not in sec:
+            sec[key] = other["before"][key]
+            copied.append(key)
+    if copied:
+        state.section("controls_from")["path"] = str(path)
+        state.data["controls_from"]["keys"] = sorted(set(state.data["controls_from"].get("keys", [])) | set(copied))
+        state.save()
+    return copied
+
+
 def stage_before(args: argparse.Namespace, state: State) -> None:
     import copy
 
     from hf_rope_ext import patch_model
     from hf_rope_ext.loading import load_model
 
+    if args.controls_from:
+        print(f"[before] from {args.controls_from}: {', '.join(copy_controls(args, state)) or 'nothing missing'}")
     stock, tok = load_model("smollm2", dtype="float32", device=args.device)
     stock.eval()
     model = copy.deepcopy(stock)

@@ -150,3 +150,27 @@ def test_finetune_compare_rows_and_controls(tmp_path) -> None:
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_finetune_smollm2.py"), "--compare",
                           str(paths[0])], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "--compare goes with --report-only" in bad.stderr
+
+
+def test_finetune_controls_from_copies_only_unpatched_figures_of_the_same_windows(tmp_path) -> None:
+    import json
+
+    bf = _load("benchmarks/bench_finetune_smollm2.py")
+    args = bf.parse_args(["--out", str(tmp_path / "linear.json"), "--method", "linear",
+                          "--controls-from", str(tmp_path / "yarn.json")])
+    before = {"pydoc": {"ppl_8k_16k": 11.7}, "pydoc_window_control": {"ppl_8k_16k": 11.41},
+              "heldout_original_ppl_8k": 6.03, "passkey": {"0.1": {"correct": 1, "total": 2}}}
+    meta = {"length": 16384, "eval_text": "builtin:pydoc", "eval_offset": 20000, "heldout_text": "builtin:stdlib",
+            "heldout_offset": 100000, "passkey_depths": [0.1, 0.3, 0.5, 0.7, 0.9], "passkey_trials": 2}
+    (tmp_path / "yarn.json").write_text(json.dumps({"meta": meta, "before": before}))
+    state = bf.State(args)
+    assert bf.copy_controls(args, state) == ["pydoc_window_control", "heldout_original_ppl_8k"]
+    saved = json.loads((tmp_path / "linear.json").read_text())
+    # the method's own figures (pydoc, passkey at 16k) are not copied: they are measured with --method
+    assert saved["before"] == {"pydoc_window_control": {"ppl_8k_16k": 11.41}, "heldout_original_ppl_8k": 6.03}
+    assert saved["controls_from"]["keys"] == ["heldout_original_ppl_8k", "pydoc_window_control"]
+    (tmp_path / "yarn.json").write_text(json.dumps({"meta": {**meta, "eval_offset": 0}, "before": before}))
+    fresh = bf.parse_args(["--out", str(tmp_path / "other.json"), "--controls-from", str(tmp_path / "yarn.json")])
+    with pytest.raises(SystemExit, match="eval_offset 0 there, 20000 here"):
+        bf.copy_controls(fresh, bf.State(fresh))
+    assert not (tmp_path / "other.json").exists()
