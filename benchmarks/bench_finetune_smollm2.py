@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_finetune_smollm2.py                         # the CPU plan, every stage, resumable
     python benchmarks/bench_finetune_smollm2.py --stages before,train   # some stages only
     python benchmarks/bench_finetune_smollm2.py --report-only           # the markdown table from the JSON
+    python benchmarks/bench_finetune_smollm2.py --report-only --compare A.json B.json   # methods side by side
     python benchmarks/bench_finetune_smollm2.py --device cuda --length 32768 --max-steps 200   # GPU plan (not run)
 
 Stages (each finished measurement is written to ``--out`` at once and skipped when the script runs again):
@@ -453,8 +454,8 @@ def _arrow(before, after) -> str:
 
 def compare(runs: list[tuple[str, dict]]) -> str:
     """One row per run (results JSON of one ``--method``), the same texts and budget: how far each method's fine-tune
-    got. The controls (the unpatched model) do not depend on the method; each run measured them again, and the line
-    under the table gives the first run's (and says when another run's differ)."""
+    got. The controls (the unpatched model) do not depend on the method; each run holds them (measured, or copied with
+    ``--controls-from``), and the line under the table gives the first run's (and names any run whose differ)."""
     head = ("| method | steps | process CPU-min | training loss first → last | pydoc 8k–16k before → after | "
             "held-out 8k–16k before → after | held-out 8k–16k, own 8k window (after) | held-out 0–8k before → after "
             "| passkey 16k after |\n|---|---:|---:|---|---|---|---:|---|---|")
