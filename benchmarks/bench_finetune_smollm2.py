@@ -169,6 +169,14 @@ def passkey(model, tok, length: int, depth: float, trials: int) -> dict:
 # stages
 
 
+def window_settings(args: argparse.Namespace) -> dict:
+    """What the evaluation reads (texts, windows, passkey cells): the meta fields two runs must share for their
+    unpatched figures to be the same."""
+    return {"length": args.length, "eval_text": "builtin:pydoc", "eval_offset": args.offset,
+            "heldout_text": args.heldout, "heldout_offset": args.heldout_offset, "passkey_depths": list(DEPTHS),
+            "passkey_trials": args.passkey_trials}
+
+
 class State:
     """The results JSON. Stages may run in separate processes at once (e.g. ``before`` beside ``train``): each
     process writes back only the top-level sections it touched, over a fresh read of the file."""
@@ -191,11 +199,9 @@ class State:
 
         a = self.args
         self.data["meta"] = {
-            "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)", "length": a.length,
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)", **window_settings(a),
             "factor": a.length / ORIGINAL, "method": a.method, "config": a.config, "device": a.device,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "eval_text": "builtin:pydoc",
-            "eval_offset": a.offset, "heldout_text": a.heldout, "heldout_offset": a.heldout_offset,
-            "margin": a.margin, "passkey_depths": list(DEPTHS), "passkey_trials": a.passkey_trials,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "margin": a.margin,
             "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
             "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
@@ -292,8 +298,6 @@ def measure(label: str, model, tok, args: argparse.Namespace, state: State, *, u
 # the before-section keys measured on the unpatched model alone (no --method in them)
 UNPATCHED_KEYS = ("pydoc_window_control", "heldout_window_control", "pydoc_original_ppl_8k",
                   "heldout_original_ppl_8k", "original_passkey_8k")
-SAME_WINDOWS = ("length", "eval_text", "eval_offset", "heldout_text", "heldout_offset", "passkey_depths",
-                "passkey_trials")
 
 
 def copy_controls(args: argparse.Namespace, state: State) -> list[str]:
@@ -303,11 +307,8 @@ def copy_controls(args: argparse.Namespace, state: State) -> list[str]:
     if not path.is_file():
         raise SystemExit(f"--controls-from: no results JSON at {path}")
     other = json.loads(path.read_text())
-    ours = {"length": args.length, "eval_text": "builtin:pydoc", "eval_offset": args.offset,
-            "heldout_text": args.heldout, "heldout_offset": args.heldout_offset, "passkey_depths": list(DEPTHS),
-            "passkey_trials": args.passkey_trials}
-    theirs = other.get("meta", {})
-    differ = [f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in SAME_WINDOWS if theirs.get(k) != ours[k]]
+    ours, theirs = window_settings(args), other.get("meta", {})
+    differ = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
     if differ:
         raise SystemExit(f"--controls-from {path}: measured other windows ({'; '.join(differ)})")
     sec, copied = state.section("before"), []
@@ -366,8 +367,7 @@ def stage_train(args: argparse.Namespace, state: State, files: list[Path]) -> No
     state.data["train"]["minutes"] = (summary.get("wall_time_s") or 0) / 60
     # CPU seconds of the whole training process(es) (load, data, loop, merge, save) over 2 cores: the wall minutes an
     # idle 2-core machine would need, whatever else shared the machine while it ran
-    cpu = sum(r["cpu_seconds"] for r in state.section("train_processes").values())
-    state.data["train"]["process_cpu_minutes"] = cpu / 60
+    state.data["train"]["process_cpu_minutes"] = cpu_minutes(state.data)
     state.save()
 
 
@@ -381,6 +381,12 @@ def stage_after(args: argparse.Namespace, state: State) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # report
+
+
+def cpu_minutes(data: dict) -> float | None:
+    """Process CPU-minutes of the training subprocess(es) of a results JSON (None before training ran)."""
+    processes = (data.get("train_processes") or {}).values()
+    return sum(r["cpu_seconds"] for r in processes) / 60 if processes else None
 
 
 def _flat(sec: dict) -> dict:
@@ -435,8 +441,8 @@ def report(data: dict) -> str:
     head = ("| model | text | PPL 0–16k | PPL 8k–16k | same positions, 8k sliding window | PPL 0–8k | "
             "unpatched PPL 0–8k | passkey 16k |\n|---|---|---:|---:|---:|---:|---:|---|")
     train = data.get("train", {})
-    processes = (data.get("train_processes") or {}).values()
-    cpu_note = f", {sum(r['cpu_seconds'] for r in processes) / 60:.1f} process CPU-min" if processes else ""
+    cpu = cpu_minutes(data)
+    cpu_note = f", {cpu:.1f} process CPU-min" if cpu is not None else ""
     lines = [head, *rows]
     if train:
         lines.append("")
@@ -446,6 +452,11 @@ def report(data: dict) -> str:
                      f"lr {train.get('learning_rate')}); loss {fmt(train.get('loss_first'), 3)} → "
                      f"{fmt(train.get('final_loss'), 3)}.")
     return "\n".join(lines)
+
+
+def get(sec: dict, text: str, key: str):
+    """``sec[text][key]``, None where either is missing."""
+    return sec.get(text, {}).get(key)
 
 
 def _arrow(before, after) -> str:
@@ -463,19 +474,13 @@ def compare(runs: list[tuple[str, dict]]) -> str:
     for name, data in runs:
         b, a, t = data.get("before", {}), data.get("after", {}), data.get("train", {})
         method = data.get("meta", {}).get("method", "?")
-        processes = (data.get("train_processes") or {}).values()
-        cpu = sum(r["cpu_seconds"] for r in processes) / 60 if processes else None
-
-        def get(sec: dict, text: str, key: str):
-            return sec.get(text, {}).get(key)
-
-        pk = a.get("passkey", {})
-        passkey_cell = (f"{sum(v['correct'] for v in pk.values())}/{sum(v['total'] for v in pk.values())}"
-                        if pk else "not run")
+        flat = _flat(a)
+        passkey_cell = (f"{flat['passkey_16k_correct']}/{flat['passkey_16k_total']}" if "passkey_16k_total" in flat
+                        else "not run")
         rows.append(
-            f"| {method} | {t.get('steps', '–')} | {fmt(cpu, 1)} | "
+            f"| {method} | {t.get('steps', '–')} | {fmt(cpu_minutes(data), 1)} | "
             f"{fmt(t.get('loss_first'), 3)} → {fmt(t.get('final_loss'), 3)} | "
-            f"{_arrow(get(b, 'pydoc', 'ppl_8k_16k'), get(a, 'pydoc', 'ppl_8k_16k'))} | "
+            f"{_arrow(_flat(b).get('ppl_8k_16k'), flat.get('ppl_8k_16k'))} | "
             f"{_arrow(get(b, 'heldout', 'ppl_8k_16k'), get(a, 'heldout', 'ppl_8k_16k'))} | "
             f"{fmt(get(a, 'heldout_window_control', 'ppl_8k_16k'))} | "
             f"{_arrow(get(b, 'heldout', 'ppl_8k'), get(a, 'heldout', 'ppl_8k'))} | {passkey_cell} |")
