@@ -54,6 +54,7 @@ from .eval.io import save_json
 from .eval.perplexity import token_nll
 from .eval.text import Text
 from .eval.text import tokenize as tokenize_text
+from .methods._rope_base import longrope_attention_factor, yarn_attention_factor
 from .patching import META_KEY, patch_info, patch_model, unpatch_model
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,16 @@ MAX_RATIO = 1.25
 """Upper bound of every factor, as a multiple of the scale s (the LongRoPE paper's search space)."""
 NEEDLE_DEPTH = 0.1
 """Where the needle sits in the ``needle`` objective's window (fraction of the window)."""
+ATTENTION_STEP = 0.005
+"""Grid of the attention factor when it is searched (``search_attention``)."""
+ATTENTION_RADIUS = 0.03
+"""How far one mutation may move a searched attention factor."""
+
+
+def default_attention_range(factor: float) -> tuple[float, float]:
+    """Bounds of a searched attention factor: from 1 (no temperature change) to ``1 + 0.2 ln s``, twice YaRN's
+    change."""
+    return 1.0, 1.0 + 0.2 * math.log(factor)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -95,7 +106,8 @@ class SearchResult:
     rotary_dim: int
     base: float
     attention_factor: float
-    """The cos/sin multiplier every candidate used (and the saved model uses)."""
+    """The cos/sin multiplier of the best candidate (and of the saved model); every candidate's when it was not
+    searched."""
     searched_dims: list[int]
     """Indices of the dimensions searched; the others kept their fixed values."""
     seed: int
@@ -145,6 +157,8 @@ class SearchResult:
             "evaluations": self.evaluations,
             "seed": self.seed,
             "searched_dims": list(self.searched_dims),
+            "attention_factor": self.attention_factor,
+            "attention_searched": bool(self.settings.get("search_attention", False)),
             "texts": list(self.texts),
             "seconds": round(self.seconds, 1),
             "validation": [
@@ -173,49 +187,80 @@ def _key(factors: np.ndarray) -> tuple[float, ...]:
 
 
 class _Space:
-    """Constraints and moves: full-length vectors whose ``searched`` indices change, the rest fixed."""
+    """Constraints and moves: full-length vectors whose ``searched`` indices change, the rest fixed.
+
+    With ``attention`` = ``(low, high, step, radius)`` a vector carries one more value at its end, the attention
+    factor (cos/sin multiplier): bounded by ``[low, high]``, outside the monotone constraint; a mutation moves it with
+    probability ``mutation_prob`` to a value of the ``step`` grid within ``radius`` of where it was, a crossover takes
+    it from either parent."""
 
     def __init__(self, fixed: np.ndarray, searched: list[int], upper: float, step: float, rng: np.random.Generator,
-                 mutation_prob: float, max_tries: int = 200) -> None:
+                 mutation_prob: float, max_tries: int = 200,
+                 attention: tuple[float, float, float, float] | None = None) -> None:
         self.fixed, self.searched, self.upper, self.step = fixed, searched, upper, step
         self.rng, self.mutation_prob, self.max_tries = rng, mutation_prob, max_tries
+        self.attention = attention
+        self.n = len(fixed)  # factors per vector; the attention factor (if searched) sits at index n
 
-    def project(self, factors: np.ndarray) -> np.ndarray:
-        """Fixed dimensions from ``fixed``, bounds [1, upper], then a running maximum (non-decreasing)."""
+    def genes(self) -> list[int]:
+        """Indices a move may change: the searched dimensions, then the attention factor when it is searched."""
+        return self.searched + ([self.n] if self.attention is not None else [])
+
+    def project(self, factors: np.ndarray, attention: float | None = None) -> np.ndarray:
+        """Fixed dimensions from ``fixed``, bounds [1, upper], then a running maximum (non-decreasing); with the
+        attention factor searched, ``attention`` (clipped to its bounds) is appended."""
         out = self.fixed.copy()
         out[self.searched] = np.asarray(factors, dtype=np.float64)[self.searched]
-        return np.maximum.accumulate(np.clip(out, 1.0, self.upper))
+        out = np.maximum.accumulate(np.clip(out, 1.0, self.upper))
+        if self.attention is None:
+            return out
+        low, high = self.attention[:2]
+        return np.append(out, min(max(float(attention), low), high))
 
-    def valid(self, factors: np.ndarray) -> bool:
-        others = [i for i in range(len(factors)) if i not in set(self.searched)]
-        return (
-            bool(np.all(np.diff(factors) >= 0))
+    def valid(self, vector: np.ndarray) -> bool:
+        factors = vector[: self.n]
+        others = [i for i in range(self.n) if i not in set(self.searched)]
+        ok = (
+            len(vector) == self.n + (self.attention is not None)
+            and bool(np.all(np.diff(factors) >= 0))
             and float(factors.min()) >= 1.0
             and float(factors.max()) <= self.upper + 1e-12
             and bool(np.array_equal(factors[others], self.fixed[others]))
         )
+        if ok and self.attention is not None:
+            low, high = self.attention[:2]
+            ok = low - 1e-12 <= float(vector[self.n]) <= high + 1e-12
+        return ok
+
+    def _attention_choices(self, value: float) -> list[float]:
+        low, high, step, radius = self.attention
+        return _grid(max(low, value - radius), min(high, value + radius), step)
 
     def mutate(self, parent: np.ndarray, seen: set) -> np.ndarray | None:
         """Each searched dimension, with probability ``mutation_prob``, takes a value drawn between its neighbours
-        (LongRoPE's DimMono mutation); retried until the child is new."""
-        n = len(parent)
+        (LongRoPE's DimMono mutation); the attention factor (if searched) a value near its own; retried until the
+        child is new."""
         for _ in range(self.max_tries):
             child = parent.copy()
             for i in self.searched:
                 if self.rng.random() >= self.mutation_prob:
                     continue
                 lo = child[i - 1] if i > 0 else 1.0
-                hi = child[i + 1] if i < n - 1 else self.upper
+                hi = child[i + 1] if i < self.n - 1 else self.upper
                 choices = _grid(float(lo), float(hi), self.step)
                 child[i] = choices[int(self.rng.integers(len(choices)))]
+            if self.attention is not None and self.rng.random() < self.mutation_prob:
+                choices = self._attention_choices(float(child[self.n]))
+                child[self.n] = choices[int(self.rng.integers(len(choices)))]
             if _key(child) not in seen and self.valid(child):
                 return child
         return None
 
     def crossover(self, a: np.ndarray, b: np.ndarray, seen: set) -> np.ndarray | None:
-        """Each searched dimension from parent ``a`` or ``b`` (even odds); retried until the child is new and
-        non-decreasing. None when the parents are equal or no such child turns up."""
-        differ = [i for i in self.searched if a[i] != b[i]]
+        """Each searched dimension (and the attention factor, if searched) from parent ``a`` or ``b`` (even odds);
+        retried until the child is new and non-decreasing. None when the parents are equal or no such child turns
+        up."""
+        differ = [i for i in self.genes() if a[i] != b[i]]
         if not differ:
             return None
         for _ in range(min(self.max_tries, 4 * 2 ** len(differ))):  # 2^k - 2 children are new at most
@@ -426,6 +471,8 @@ def search_rope_factors(
     critical_only: bool = True,
     start_factors: Sequence[float] | None = None,
     attention_factor: float | None = None,
+    search_attention: bool = False,
+    attention_range: tuple[float, float] | None = None,
     population_size: int = 8,
     parents: int = 4,
     mutation_prob: float = 0.3,
@@ -468,6 +515,14 @@ def search_rope_factors(
             others keep YaRN's divisors (or ``start_factors``' values when given).
         start_factors: an extra initial candidate (``rotary_dim / 2`` values), projected onto the constraints.
         attention_factor: cos/sin multiplier for every candidate; None = LongRoPE's ``sqrt(1 + ln s / ln L)``.
+            With ``search_attention`` it is one more starting value instead.
+        search_attention: search the attention factor (the softmax temperature ``longrope`` saves as
+            ``attention_factor``) together with the divisors: each seed starts with YaRN's ``0.1 ln s + 1`` and with
+            LongRoPE's ``sqrt(1 + ln s / ln L)`` (and ``attention_factor`` when given), mutations move it on a
+            0.005 grid by at most 0.03, crossovers take it from either parent. The official LongRoPE code leaves
+            this as a to-do ("search mscale (attention temperature)", ``evolution/search.py``); the result still
+            saves natively, as ``longrope``'s ``attention_factor``.
+        attention_range: bounds of the searched attention factor (default ``(1, 1 + 0.2 ln s)``).
         population_size / parents: initial population, and candidates kept as parents (top-k) each generation;
             each generation adds ``population_size - parents`` children, half by mutation, half by crossover.
         mutation_prob / step: probability that a mutation changes a dimension; grid of the values drawn.
@@ -477,8 +532,8 @@ def search_rope_factors(
             evaluated again and the search continues to the same result as an uninterrupted run.
         overwrite: start a new log at ``log_path`` even when one exists there.
         progress: a tqdm bar with the best score so far.
-        score_fn: replaces the model evaluation: ``score_fn(factors) -> float``, lower is better (tests inject a
-            synthetic objective here).
+        score_fn: replaces the model evaluation: ``score_fn(factors) -> float`` (``score_fn(factors, attention)``
+            with ``search_attention``), lower is better (tests inject a synthetic objective here).
         loss_chunk: positions per LM-head chunk (memory).
         apply_best: leave the model patched with the best factors (``longrope``, searched record in its config).
         on_start: called once every input check has passed, before the log is written or the model changes (the
@@ -540,7 +595,29 @@ def search_rope_factors(
     if attention_factor is not None and not _check_real("attention_factor", attention_factor) > 0:
         raise ValueError(f"attention_factor must be > 0 or None, got {attention_factor!r}")
     resolved_attention = (float(attention_factor) if attention_factor is not None
-                          else math.sqrt(1 + math.log(factor) / math.log(original)))
+                          else longrope_attention_factor(factor, original))
+    if not isinstance(search_attention, bool):
+        raise ValueError(f"search_attention must be True or False, got {search_attention!r}")
+    attention_space = None
+    if attention_range is not None and not search_attention:
+        raise ValueError("attention_range bounds a searched attention factor: pass search_attention=True too, or "
+                         "attention_factor= for a fixed one")
+    if search_attention:
+        rng_bounds = default_attention_range(factor) if attention_range is None else attention_range
+        if (isinstance(rng_bounds, (str, bytes)) or not hasattr(rng_bounds, "__len__") or len(rng_bounds) != 2):
+            raise ValueError(f"attention_range must be (low, high), got {attention_range!r}")
+        low, high = (_check_real(f"attention_range[{i}]", v) for i, v in enumerate(rng_bounds))
+        if not 0 < low < high:
+            raise ValueError(f"attention_range must satisfy 0 < low < high, got {attention_range!r}")
+        if attention_factor is not None and not low <= resolved_attention <= high:
+            raise ValueError(f"attention_factor {attention_factor!r} (a starting value of the search) lies outside "
+                             f"attention_range ({low:g}, {high:g})")
+        attention_space = (low, high, ATTENTION_STEP, ATTENTION_RADIUS)
+        starts = (yarn_attention_factor(factor), longrope_attention_factor(factor, original))
+        seed_attentions = [min(max(a, low), high) for a in starts]
+        if attention_factor is not None:
+            seed_attentions.append(resolved_attention)
+        seed_attentions = list(dict.fromkeys(round(a, 10) for a in seed_attentions))
     windows = [] if score_fn is not None and not texts else _windows(
         tokenizer, texts, eval_length, offset, objective, original, "texts", seed)
     val_windows = _windows(tokenizer, validation_texts or [], target, validation_offset, "window", original,
@@ -568,8 +645,8 @@ def search_rope_factors(
     fixed = np.asarray(seeds_raw["start"] if start_factors is not None else seeds_raw["yarn"], dtype=np.float64)
     fixed = np.maximum.accumulate(np.clip(fixed, 1.0, upper))
     rng = np.random.default_rng(seed)
-    space = _Space(fixed, searched, upper, step, rng, mutation_prob)
-    seeds = {name: space.project(values) for name, values in seeds_raw.items()}
+    space = _Space(fixed, searched, upper, step, rng, mutation_prob, attention=attention_space)
+    seeds = {name: space.project(values, resolved_attention)[:n_half] for name, values in seeds_raw.items()}
 
     header = {
         "factor": factor, "objective": objective, "seed": seed, "original_length": original, "target_length": target,
@@ -579,10 +656,14 @@ def search_rope_factors(
         "step": float(step), "offset": offset, "texts": [w.fingerprint for w in windows],
         "score": "score_fn" if score_fn is not None else "model",
     }
+    if search_attention:  # only then: logs of fixed-attention searches keep their header (and stay resumable)
+        header.update({"attention_factor": "searched", "attention_range": [attention_space[0], attention_space[1]],
+                       "attention_step": ATTENTION_STEP, "attention_radius": ATTENTION_RADIUS,
+                       "attention_seeds": seed_attentions})
     entries: list[dict[str, Any]] = []
     if resume:
         entries = _read_log(log, header)
-    cache = {_key(np.asarray(e["factors"])): e for e in entries}
+    cache = {_key(np.asarray(e["factors"] + ([e["attention"]] if search_attention else []))): e for e in entries}
     if on_start is not None:
         on_start()
     if log is not None:
@@ -620,7 +701,9 @@ def search_rope_factors(
         if not math.isfinite(score):
             score = math.inf
         entry = {"index": len(evaluated), "generation": generation, "origin": origin,
-                 "factors": [float(x) for x in factors], "score": score, "seconds": round(seconds, 3)}
+                 "factors": [float(x) for x in factors[:n_half]], "score": score, "seconds": round(seconds, 3)}
+        if search_attention:
+            entry["attention"] = float(factors[n_half])
         evaluated.append({**entry, "resumed": was_resumed})
         if log is not None and not was_resumed:
             with log.open("a", encoding="utf-8") as f:
@@ -630,12 +713,13 @@ def search_rope_factors(
         bar.update(1)
         bar.set_postfix(best=f"{best['score']:.4f}", gen=generation)
 
-    def _score(factors: np.ndarray) -> float:
-        values = [float(x) for x in factors]
+    def _score(vector: np.ndarray) -> float:
+        values = [float(x) for x in vector[:n_half]]
+        attention = float(vector[n_half]) if search_attention else resolved_attention
         if score_fn is not None:
-            return float(score_fn(values))
+            return float(score_fn(values, attention) if search_attention else score_fn(values))
         patch_model(model, "longrope", factor, original_max_position_embeddings=original, short_factor=values,
-                    long_factor=values, attention_factor=resolved_attention, repatch=True)
+                    long_factor=values, attention_factor=attention, repatch=True)
         return _objective_nll(model, windows, loss_chunk)
 
     validation: list[dict[str, Any]] = []
@@ -644,9 +728,13 @@ def search_rope_factors(
             # generation 0: the seeds, then mutations of them until the population is full
             population: list[np.ndarray] = []
             for name in SEED_NAMES:
-                if name in seeds and _key(seeds[name]) not in seen:
-                    population.append(seeds[name])
-                    evaluate(seeds[name], f"seed:{name}", 0)
+                if name not in seeds:
+                    continue
+                for a in (seed_attentions if search_attention else [None]):
+                    vector = seeds[name] if a is None else np.append(seeds[name], a)
+                    if _key(vector) not in seen:
+                        population.append(vector)
+                        evaluate(vector, f"seed:{name}", 0)
             k = 0
             seed_list = list(population)
             while len(population) < population_size:
@@ -666,7 +754,7 @@ def search_rope_factors(
                 generation += 1
                 before = len(evaluated)
                 ranked = sorted(evaluated, key=lambda e: (e["score"], e["index"]))[:parents]
-                top = [np.asarray(e["factors"]) for e in ranked]
+                top = [np.asarray(e["factors"] + ([e["attention"]] if search_attention else [])) for e in ranked]
                 for _ in range(n_mut):
                     parent = top[int(rng.integers(len(top)))]
                     child = space.mutate(parent, seen)
@@ -695,8 +783,9 @@ def search_rope_factors(
         if best is None:
             raise ValueError("the search evaluated no candidate (max_minutes too small?)")
         best_factors = list(best["factors"])
+        best_attention = float(best["attention"]) if search_attention else resolved_attention
         if val_windows:
-            validation = _validate(model, best_factors, factor, original, resolved_attention, val_windows,
+            validation = _validate(model, best_factors, factor, original, best_attention, val_windows,
                                    validation_baselines, loss_chunk)
     finally:
         if patch_info(model) is not None:
@@ -705,7 +794,7 @@ def search_rope_factors(
     result = SearchResult(
         factors=best_factors, score=float(best["score"]), objective=objective, factor=factor,
         original_length=original, target_length=target, eval_length=eval_length, rotary_dim=rotary_dim, base=base,
-        attention_factor=resolved_attention, searched_dims=searched, seed=seed, evaluations=len(evaluated),
+        attention_factor=best_attention, searched_dims=searched, seed=seed, evaluations=len(evaluated),
         resumed_evaluations=resumed, seconds=time.perf_counter() - t0, stopped=stopped,
         seeds={name: [float(x) for x in v] for name, v in seeds.items()}, candidates=evaluated,
         best_by_generation=best_by_generation, validation=validation, texts=[w.label for w in windows],
@@ -713,6 +802,10 @@ def search_rope_factors(
                   "step": float(step), "critical_only": bool(critical_only), "proxy_length": proxy_length,
                   "budget": budget, "max_minutes": max_minutes, "offset": offset,
                   "validation_offset": validation_offset, "max_ratio": MAX_RATIO,
+                  "search_attention": search_attention,
+                  **({"attention_range": [attention_space[0], attention_space[1]], "attention_step": ATTENTION_STEP,
+                      "attention_radius": ATTENTION_RADIUS, "attention_seeds": seed_attentions}
+                     if search_attention else {}),
                   "log_path": str(log) if log is not None else None},
     )
     if apply_best:

@@ -162,6 +162,104 @@ def test_resume_after_a_kill_reaches_the_same_result(model, tmp_path):
                             resume=True)
 
 
+def _attention_synthetic(target: np.ndarray, attention: float):
+    """Known optimum: ``target`` divisors and ``attention`` as the cos/sin multiplier (L1 distance, counted)."""
+    calls = []
+
+    def score(factors: list[float], att: float) -> float:
+        calls.append((list(factors), att))
+        return float(np.abs(np.asarray(factors) - target).sum()) + 10 * abs(att - attention)
+
+    score.calls = calls
+    return score
+
+
+def test_attention_search_finds_a_known_optimum_within_its_bounds(model):
+    crit = _critical_reference()
+    target = _yarn_reference()
+    target[crit] = [1.73, 1.95, 2.07, 2.21, 2.43][: len(crit)]
+    score = _attention_synthetic(target, 1.115)  # on the 0.005 grid, away from both starting values
+    result = search_rope_factors(model, None, S, budget=1500, score_fn=score, search_attention=True,
+                                 progress=False, seed=0)
+    yarn_att, longrope_att = 0.1 * math.log(S) + 1, math.sqrt(1 + math.log(S) / math.log(L))
+    high = 1 + 0.2 * math.log(S)
+    starts = {c["attention"] for c in result.candidates if c["origin"].startswith("seed")}
+    assert sorted(starts) == pytest.approx(sorted([yarn_att, longrope_att]))
+    for c in result.candidates:
+        assert 1.0 <= c["attention"] <= high + 1e-12, c
+        f = np.asarray(c["factors"])
+        assert np.all(np.diff(f) >= 0) and f.min() >= 1.0 and f.max() <= 1.25 * S + 1e-12, c
+    keys = {(tuple(np.round(c["factors"], 8)), round(c["attention"], 8)) for c in result.candidates}
+    assert len(keys) == len(result.candidates)  # no (factors, attention) pair evaluated twice
+    np.testing.assert_allclose(result.factors, target, atol=1e-9)
+    assert result.attention_factor == pytest.approx(1.115, abs=1e-9)
+    assert result.score < 1e-6
+    assert result.summary()["attention_searched"] is True
+    # one evaluation per call, and each call saw the vector the log records
+    assert [(c["factors"], c["attention"]) for c in result.candidates] == score.calls
+
+
+def test_attention_search_resumes_to_the_same_result(model, tmp_path):
+    target = _yarn_reference()
+    target[_critical_reference()] = [1.5, 1.8, 2.0, 2.2, 2.4]
+    full = search_rope_factors(model, None, S, budget=30, score_fn=_attention_synthetic(target, 1.02),
+                               search_attention=True, progress=False, seed=5, log_path=tmp_path / "full.jsonl")
+
+    class Killed(Exception):
+        pass
+
+    first = _attention_synthetic(target, 1.02)
+
+    def dies_at_12(factors, att):
+        if len(first.calls) == 11:
+            raise Killed
+        return first(factors, att)
+
+    log = tmp_path / "killed.jsonl"
+    with pytest.raises(Killed):
+        search_rope_factors(model, None, S, budget=30, score_fn=dies_at_12, search_attention=True, progress=False,
+                            seed=5, log_path=log)
+    again = _attention_synthetic(target, 1.02)
+    resumed = search_rope_factors(model, None, S, budget=30, score_fn=again, search_attention=True, progress=False,
+                                  seed=5, log_path=log, resume=True)
+    assert len(again.calls) == 30 - 11
+    assert [(c["factors"], c["attention"], c["score"]) for c in resumed.candidates] == \
+        [(c["factors"], c["attention"], c["score"]) for c in full.candidates]
+    assert resumed.attention_factor == full.attention_factor
+    # a log of a fixed-attention search is not resumed as an attention search (and the other way round)
+    with pytest.raises(ValueError, match="different settings.*attention"):
+        search_rope_factors(model, None, S, budget=30, score_fn=_synthetic(target), progress=False, seed=5,
+                            log_path=log, resume=True)
+
+
+def test_searched_attention_factor_is_saved_natively(model, tok, text, tmp_path):
+    result = search_rope_factors(model, tok, S, [text], budget=7, proxy_length=96, progress=False,
+                                 search_attention=True, attention_range=(1.0, 3.0), attention_factor=2.5, seed=2)
+    assert result.attention_factor == next(c["attention"] for c in result.candidates if c["score"] == result.score)
+    apply_search_result(model, result, tok)
+    model.save_pretrained(tmp_path)
+    rp = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert rp["rope_type"] == "longrope" and rp["attention_factor"] == result.attention_factor
+    ids = torch.randint(3, len(tok), (1, 2 * L))
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # each candidate's score is the model's objective under that candidate's attention factor (reference: patch
+    # by hand and compute the NLL of the tokens past L)
+    window = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :96]
+    assert {c["attention"] for c in result.candidates} >= {2.5}  # a start far from YaRN's and LongRoPE's
+    for c in result.candidates:
+        patch_model(model, "longrope", S, short_factor=c["factors"], long_factor=c["factors"],
+                    attention_factor=c["attention"], repatch=True)
+        with torch.no_grad():
+            logits = model(window).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float(), window[0, 1:], reduction="none")
+        assert c["score"] == pytest.approx(float(nll[L - 1 :].mean()), rel=1e-5), c
+
+
 def test_model_objective_resume_restores_the_model(model, tok, text, tmp_path, monkeypatch):
     """The real objective on a model: a budget stop then a resume equals one run; the model is unpatched after."""
     import hf_rope_ext.search as search_module
@@ -260,6 +358,11 @@ def _bert():
         (dict(texts=[]), "give texts="),
         (dict(start_factors=[1.0, 2.0]), "start_factors needs 8 values"),
         (dict(parents=8), "parents .* must be smaller than population_size"),
+        (dict(attention_range=(1.0, 1.2)), "attention_range bounds a searched attention factor.*search_attention"),
+        (dict(search_attention=True, attention_range=(1.2, 1.1)), "attention_range must satisfy 0 < low < high"),
+        (dict(search_attention=True, attention_range=(1.0,)), r"attention_range must be \(low, high\)"),
+        (dict(search_attention=True, attention_factor=1.5), "attention_factor 1.5 .* outside attention_range"),
+        (dict(search_attention="yes"), "search_attention must be True or False"),
     ],
 )
 def test_bad_input_is_refused_before_anything_changes(model, tok, text, tmp_path, kwargs, message):
@@ -337,7 +440,8 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
     for bad, message in ((["--factor", "1"], "--factor must be a number > 1"),
                          (["--budget", "0"], "--budget must be at least 1"),
                          (["--proxy-length", "32"], "proxy_length must be > 64"),
-                         (["--text", str(tmp_path / "missing.txt")], "not found")):
+                         (["--text", str(tmp_path / "missing.txt")], "not found"),
+                         (["--attention-range", "1", "1.2"], "--attention-range bounds a searched attention factor")):
         assert main([*argv, *bad]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
@@ -381,6 +485,19 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
     assert main([*short, "--budget", "2", "--overwrite"]) == 0
     assert not (out / "user-file.txt").exists()
     assert len((out / "search_log.jsonl").read_text().splitlines()) == 1 + 2
+
+    # the attention factor searched too: the saved config carries the best one, the card says it was searched
+    capsys.readouterr()
+    assert main([*short, "--budget", "5", "--overwrite", "--search-attention", "--attention-range", "1", "2.5",
+                 "--attention-factor", "2.2"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\nsaved to")[0])
+    saved = json.loads((out / "search.json").read_text())
+    assert {c["attention"] for c in saved["candidates"]} >= {2.2}
+    best = min(saved["candidates"], key=lambda c: (c["score"], c["index"]))
+    rp = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert rp["attention_factor"] == saved["attention_factor"] == best["attention"]
+    assert shown["attention_factor"] == round(best["attention"], 5)
+    assert f"the attention factor (best {best['attention']:.4f})" in (out / "README.md").read_text()
 
 
 def test_cli_refuses_a_non_rotary_model(tmp_path, tok, text, capsys):

@@ -128,7 +128,10 @@ def search_paragraph(search: Any) -> str:
         f"objective `{search.get('objective')}` at {search.get('eval_length')} tokens on "
         f"{', '.join(f'`{t}`' for t in search.get('texts') or []) or 'the search texts'}, "
         f"{search.get('evaluations')} evaluations ({fmt_duration(float(search.get('seconds') or 0))}), seed "
-        f"{search.get('seed')}, {dims_text} searched; best NLL {float(search.get('score_nll', float('nan'))):.4f}."
+        f"{search.get('seed')}, {dims_text} searched"
+        + (f" and the attention factor (best {float(search['attention_factor']):.4f})"
+           if search.get("attention_searched") and "attention_factor" in search else "")
+        + f"; best NLL {float(search.get('score_nll', float('nan'))):.4f}."
     ]
     rows = search.get("validation") or []
     if rows:

@@ -54,7 +54,13 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="search every dimension (default: only those whose wavelength exceeds the original length, "
                         "LongRoPE2's critical dimensions; the others keep YaRN's divisors)")
     p.add_argument("--attention-factor", type=float, default=None,
-                   help="cos/sin multiplier (default: LongRoPE's sqrt(1 + ln s / ln L))")
+                   help="cos/sin multiplier (default: LongRoPE's sqrt(1 + ln s / ln L)); with --search-attention one "
+                        "more starting value")
+    p.add_argument("--search-attention", action="store_true",
+                   help="search the attention factor too (saved as longrope's attention_factor); it starts from "
+                        "YaRN's 0.1 ln s + 1 and LongRoPE's sqrt(1 + ln s / ln L)")
+    p.add_argument("--attention-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="bounds of a searched attention factor (default: 1 and 1 + 0.2 ln s)")
     p.add_argument("--population-size", type=int, default=8, help="initial population (default 8)")
     p.add_argument("--parents", type=int, default=4, help="top-k parents kept each generation (default 4)")
     p.add_argument("--baseline", action="append", default=[], metavar="METHOD",
@@ -75,6 +81,9 @@ def _check(args: argparse.Namespace) -> Path:
         raise ValueError(f"--budget must be at least 1 evaluation, got {args.budget}")
     if args.minutes is not None and not args.minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes:g}")
+    if args.attention_range is not None and not args.search_attention:
+        raise ValueError("--attention-range bounds a searched attention factor: add --search-attention (or give a "
+                         "fixed --attention-factor instead)")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the search in --out, --overwrite replaces it: give one of them")
     out = Path(args.out).expanduser()
@@ -126,6 +135,8 @@ def _search(args: argparse.Namespace) -> int:
         seed=args.seed, validation_texts=validation, validation_baselines=args.baseline,
         proxy_length=args.proxy_length, offset=args.offset, validation_offset=args.validation_offset,
         critical_only=not args.all_dims, attention_factor=args.attention_factor,
+        search_attention=args.search_attention,
+        attention_range=tuple(args.attention_range) if args.attention_range is not None else None,
         population_size=args.population_size, parents=args.parents, log_path=out / LOG_FILE, resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress, on_start=clear_out,
@@ -139,7 +150,8 @@ def _search(args: argparse.Namespace) -> int:
         plot_search(result, tmp / PLOT_FILE)
     write_card(out, results=[_rows(result)] if result.validation else [], plots=[out / PLOT_FILE])
     shown = {
-        "factors": [round(x, 4) for x in result.factors], "score_nll": round(result.score, 5),
+        "factors": [round(x, 4) for x in result.factors], "attention_factor": round(result.attention_factor, 5),
+        "score_nll": round(result.score, 5),
         "objective": result.objective, "evaluations": result.evaluations, "resumed": result.resumed_evaluations,
         "stopped": result.stopped, "seconds": round(result.seconds, 1),
         "validation": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}

@@ -93,3 +93,8 @@ def by_parts_inv_freq(
 def yarn_attention_factor(factor: float) -> float:
     """YaRN temperature sqrt(1/t) = 0.1 * ln(s) + 1 (multiplies cos and sin: logits scale by its square)."""
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def longrope_attention_factor(factor: float, original_length: int) -> float:
+    """LongRoPE's (and transformers' ``longrope`` default) cos/sin multiplier sqrt(1 + ln s / ln L)."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original_length))

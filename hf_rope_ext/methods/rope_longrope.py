@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..registry import param, register_method
-from ._rope_base import RopeParams, default_inv_freq
+from ._rope_base import RopeParams, default_inv_freq, longrope_attention_factor
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LongRopeParams(RopeParams):
     def resolved_attention_factor(self) -> float:
         if self.attention_factor is not None:
             return float(self.attention_factor)
-        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+        return longrope_attention_factor(self.factor, self.original_max_position_embeddings)
 
     def check_dim(self, dim: int) -> None:
         for name in ("short_factor", "long_factor"):
