@@ -58,8 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-offset", type=int, default=60000)
     p.add_argument("--attention-factor", default="yarn",
                    help="yarn (0.1 ln s + 1, default: the yarn seed is then stock yarn exactly, so any gain over it "
-                        "comes from the factors), longrope (sqrt(1 + ln s / ln L)) or a number")
+                        "comes from the factors), longrope (sqrt(1 + ln s / ln L)), a number, or search (searched "
+                        "with the factors from both formulas' values; the yarn seed with YaRN's value is stock yarn)")
+    p.add_argument("--controls-from", type=Path, default=None, metavar="JSON",
+                   help="copy stage 3 (the unpatched 8k-window control) from another results JSON of this script "
+                        "instead of measuring it again (the same validation windows)")
     p.add_argument("--all-dims", action="store_true", help="search every dimension, not only the critical ones")
+    p.add_argument("--start", default=None, metavar="METHOD[:KEY=VALUE...]",
+                   help="one more initial candidate: the divisors of a rotary method, e.g. yarn:beta_fast=128")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-validation", action="store_true", help="skip stage 2")
     p.add_argument("--no-control", action="store_true", help="skip stage 3")
@@ -72,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
+
+
+def _at(candidate: dict) -> str:
+    return f" (attention {candidate['attention']:.4f})" if "attention" in candidate else ""
 
 
 def report(state: dict) -> str:
@@ -88,27 +98,36 @@ def report(state: dict) -> str:
             f"({evaluating / max(1, len(fresh)):.0f} s each incl. patching; stopped by {search['stopped']}; "
             f"validation {max(0.0, search['seconds'] - evaluating) / 60:.1f} min more); dimensions "
             f"{search['searched_dims'][0]}–"
-            f"{search['searched_dims'][-1]} searched; best NLL {search['score']:.4f} "
-            f"(seeds: " + ", ".join(f"{c['origin'].split(':')[1]} {c['score']:.4f}" for c in search["candidates"]
-                                    if c["origin"].startswith("seed")) + "). "
+            f"{search['searched_dims'][-1]}"
+            + (" and the attention factor" if "attention" in best else "") + " searched; best NLL "
+            f"{search['score']:.4f} (seeds: " + ", ".join(
+                f"{c['origin'].split(':')[1]}{_at(c)} {c['score']:.4f}" for c in search["candidates"]
+                if c["origin"].startswith("seed")) + "). "
             f"Best candidate: #{best['index']} ({best['origin']}, generation {best['generation']})"
             + (f"; best candidate the search itself made: {min(c['score'] for c in found):.4f}." if found else "."),
             "",
-            "Best factors: " + ", ".join(f"{x:.3g}" for x in search["factors"]),
+            "Best factors: " + ", ".join(f"{x:.3g}" for x in search["factors"])
+            + f"; attention factor {search['attention_factor']:.4f}"
+            + (" (searched)." if "attention" in best else " (fixed)."),
             "",
         ]
     rows = state.get("validation") or []
     control = state.get("control") or {}
     if rows or control:
-        lines += ["| text (16384 tokens) | method | PPL 0–16k | PPL 8k–16k | vs yarn (0–16k) |",
-                  "|---|---|---:|---:|---:|"]
+        lines += ["| text (16384 tokens) | method | PPL 0–16k | PPL 8k–16k | vs yarn (0–16k) | vs yarn (8k–16k) "
+                  "| vs control (8k–16k) |", "|---|---|---:|---:|---:|---:|---:|"]
         yarn = {r["text"]: r for r in rows if r["method"] == "yarn"}
+
+        def vs(a, b, same=False) -> str:
+            return "–" if a is None or b is None or same else f"{100 * (a / b - 1):+.1f} %"
+
         for r in rows:
-            base = yarn.get(r["text"])
-            vs = (f"{100 * (r['ppl_window'] / base['ppl_window'] - 1):+.1f} %" if base and r is not base else "–")
-            lines.append(f"| {r['text']} | {r['method']} | {fmt(r['ppl_window'])} | {fmt(r['ppl_beyond'])} | {vs} |")
+            base, c = yarn.get(r["text"]), control.get(r["text"], {}).get("ppl_8k_16k")
+            lines.append(f"| {r['text']} | {r['method']} | {fmt(r['ppl_window'])} | {fmt(r['ppl_beyond'])} | "
+                         f"{vs(r['ppl_window'], base and base['ppl_window'], r is base)} | "
+                         f"{vs(r['ppl_beyond'], base and base['ppl_beyond'], r is base)} | {vs(r['ppl_beyond'], c)} |")
         for text, c in control.items():
-            lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(c['ppl_8k_16k'])} | – |")
+            lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(c['ppl_8k_16k'])} | – | – | – |")
     return "\n".join(lines)
 
 
@@ -139,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(state, indent=1))
 
     factor = LENGTH / ORIGINAL
-    attention = {"longrope": None, "yarn": yarn_attention_factor(factor)}.get(args.attention_factor)
-    if attention is None and args.attention_factor != "longrope":
+    attention = {"longrope": None, "search": None, "yarn": yarn_attention_factor(factor)}.get(args.attention_factor)
+    if attention is None and args.attention_factor not in ("longrope", "search"):
         attention = float(args.attention_factor)
     model, tok = load_model("smollm2", dtype=args.dtype)
     model.eval()
@@ -157,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, factor, [search_ids[args.search_offset : args.search_offset + args.proxy_length]],
         budget=args.budget, max_minutes=args.minutes, objective=args.objective, seed=args.seed,
         proxy_length=args.proxy_length, critical_only=not args.all_dims, attention_factor=attention,
+        search_attention=args.attention_factor == "search", start_factors=args.start,
         validation_texts=[ids for _, ids in validation], validation_baselines=["yarn"] if validation else [],
         log_path=log, resume=log.exists(), progress=not args.no_progress,
     )
@@ -170,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search + validation: {time.perf_counter() - t0:.0f} s; best NLL {result.score:.4f}", flush=True)
     save()
 
+    if args.controls_from is not None and not args.no_control:
+        other = json.loads(args.controls_from.read_text())
+        names = {n for n, _ in validation}
+        if other.get("meta", {}).get("length") != LENGTH or not set(other.get("control", {})) >= names:
+            raise SystemExit(f"--controls-from {args.controls_from}: no control for the same validation windows")
+        state["control"] = {n: other["control"][n] for n, _ in validation}
+        state["control_copied_from"] = str(args.controls_from)
+        save()
     if not args.no_control:
         control = state.setdefault("control", {})
         for name, window in validation:

@@ -279,20 +279,27 @@ def critical_dims(rotary_dim: int, base: float, original_length: int) -> list[in
     return [i for i in range(rotary_dim // 2) if 2 * math.pi * base ** (2 * i / rotary_dim) > original_length]
 
 
-def seed_factors(rotary_dim: int, base: float, original_length: int, factor: float) -> dict[str, np.ndarray]:
-    """Per-dimension divisors ``theta_i / theta'_i`` of PI, NTK and YaRN at ``factor``, from the registered methods
-    (the same functions ``patch_model`` applies)."""
+def method_factors(method: str, rotary_dim: int, base: float, original_length: int, factor: float,
+                   **params: Any) -> np.ndarray:
+    """Per-dimension divisors ``theta_i / theta'_i`` of a registered rotary method at ``factor`` (with its
+    parameters, e.g. ``beta_fast=128`` for ``yarn``): what ``patch_model`` applies, as a search start."""
     from .methods._rope_base import default_inv_freq
     from .registry import get_method
 
+    spec = get_method(method)
+    if spec.kind != "rope":
+        raise ValueError(f"'{method}' is not a rotary method: it has no per-dimension divisors")
     theta = default_inv_freq(rotary_dim, base).double()  # [d/2]
-    out = {}
-    for name, method in (("pi", "linear"), ("ntk", "ntk"), ("yarn", "yarn")):
-        spec = get_method(method)
-        params = spec.make_params(factor=factor, original_max_position_embeddings=original_length)
-        inv_freq, _ = spec.compute(params, rotary_dim, float(base), device="cpu")
-        out[name] = (theta / inv_freq.double()).numpy()
-    return out
+    made = spec.make_params(factor=factor, original_max_position_embeddings=original_length, **params)
+    inv_freq, _ = spec.compute(made, rotary_dim, float(base), device="cpu")
+    return (theta / inv_freq.double()).numpy()
+
+
+def seed_factors(rotary_dim: int, base: float, original_length: int, factor: float) -> dict[str, np.ndarray]:
+    """Per-dimension divisors ``theta_i / theta'_i`` of PI, NTK and YaRN at ``factor``, from the registered methods
+    (the same functions ``patch_model`` applies)."""
+    return {name: method_factors(method, rotary_dim, base, original_length, factor)
+            for name, method in (("pi", "linear"), ("ntk", "ntk"), ("yarn", "yarn"))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def search_rope_factors(
     offset: int = 0,
     validation_offset: int | None = None,
     critical_only: bool = True,
-    start_factors: Sequence[float] | None = None,
+    start_factors: Sequence[float] | str | None = None,
     attention_factor: float | None = None,
     search_attention: bool = False,
     attention_range: tuple[float, float] | None = None,
@@ -513,7 +520,9 @@ def search_rope_factors(
         offset / validation_offset: first token of each search / validation text used (validation default: offset).
         critical_only: search only the dimensions whose wavelength exceeds the original length (LongRoPE2); the
             others keep YaRN's divisors (or ``start_factors``' values when given).
-        start_factors: an extra initial candidate (``rotary_dim / 2`` values), projected onto the constraints.
+        start_factors: an extra initial candidate (``rotary_dim / 2`` values), projected onto the constraints; or
+            a rotary method's divisors at ``factor`` as ``"METHOD[:KEY=VALUE...]"``, e.g. ``"yarn:beta_fast=128"``
+            (:func:`method_factors`).
         attention_factor: cos/sin multiplier for every candidate; None = LongRoPE's ``sqrt(1 + ln s / ln L)``.
             With ``search_attention`` it is one more starting value instead.
         search_attention: search the attention factor (the softmax temperature ``longrope`` saves as
@@ -584,7 +593,18 @@ def search_rope_factors(
         if get_method(name).kind != "rope":
             raise ValueError(f"validation_baselines: '{name}' is not a rotary method")
     n_half = rotary_dim // 2
-    if start_factors is not None:
+    if isinstance(start_factors, str):
+        from .registry import get_method, parse_param_items
+
+        name, *items = start_factors.split(":")
+        try:
+            get_method(name)
+            start = method_factors(name, rotary_dim, base, original, factor,
+                                   **parse_param_items(items, "start_factors"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"start_factors {start_factors!r}: {exc}; give a rotary method as "
+                             "'METHOD[:KEY=VALUE...]' (e.g. 'yarn:beta_fast=128') or rotary_dim/2 numbers") from None
+    elif start_factors is not None:
         start = np.asarray([_check_real(f"start_factors[{i}]", v) for i, v in enumerate(start_factors)])
         if start.size != n_half:
             raise ValueError(f"start_factors needs {n_half} values (rotary dim {rotary_dim} / 2), got {start.size}")
@@ -847,5 +867,5 @@ def apply_search_result(model: nn.Module, result: SearchResult, tokenizer: Any =
     return model
 
 
-__all__ = ["OBJECTIVES", "SearchResult", "apply_search_result", "critical_dims", "search_rope_factors",
-           "seed_factors"]
+__all__ = ["OBJECTIVES", "SearchResult", "apply_search_result", "critical_dims", "method_factors",
+           "search_rope_factors", "seed_factors"]

@@ -46,17 +46,35 @@ def _critical_reference() -> list[int]:
     return [i for i in range(HEAD // 2) if 2 * math.pi * BASE ** (2 * i / HEAD) > L]
 
 
-def _yarn_reference() -> np.ndarray:
+def _yarn_reference(**extra) -> np.ndarray:
     """YaRN's per-dimension divisors from transformers' own implementation."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=int(L * S),
                          rope_parameters={"rope_type": "yarn", "factor": S, "rope_theta": BASE,
-                                          "original_max_position_embeddings": L})
+                                          "original_max_position_embeddings": L, **extra})
     inv, _ = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
     theta = 1.0 / BASE ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD)
     return (theta / inv.double()).numpy()
+
+
+def test_method_factors_match_transformers_for_a_yarn_start():
+    from hf_rope_ext.search import method_factors
+
+    for extra in ({}, {"beta_slow": 2.0}, {"beta_fast": 8.0, "beta_slow": 2.0}):
+        np.testing.assert_allclose(method_factors("yarn", HEAD, BASE, L, S, **extra), _yarn_reference(**extra),
+                                   rtol=1e-6)
+    assert not np.allclose(_yarn_reference(beta_slow=2.0), _yarn_reference())  # the parameter matters here
+    with pytest.raises(ValueError, match="'self_extend' is not a rotary method"):
+        method_factors("self_extend", HEAD, BASE, L, S)
+
+
+
+def test_start_given_as_a_method_spec(model):
+    result = search_rope_factors(model, None, S, budget=2, score_fn=lambda f: 0.0, start_factors="yarn:beta_slow=2",
+                                 progress=False)
+    np.testing.assert_allclose(result.seeds["start"], _yarn_reference(beta_slow=2.0), rtol=1e-6)
 
 
 def _synthetic(target: np.ndarray):
@@ -358,6 +376,9 @@ def _bert():
         (dict(texts=[]), "give texts="),
         (dict(start_factors=[1.0, 2.0]), "start_factors needs 8 values"),
         (dict(parents=8), "parents .* must be smaller than population_size"),
+        (dict(start_factors="self_extend"), "start_factors 'self_extend': .*not a rotary method"),
+        (dict(start_factors="yarn:bogus=1"), "start_factors 'yarn:bogus=1': unknown parameter.*'yarn:beta_fast=128'"),
+        (dict(start_factors="yarn:beta_fast"), "start_factors 'yarn:beta_fast': start_factors expects key=value"),
         (dict(attention_range=(1.0, 1.2)), "attention_range bounds a searched attention factor.*search_attention"),
         (dict(search_attention=True, attention_range=(1.2, 1.1)), "attention_range must satisfy 0 < low < high"),
         (dict(search_attention=True, attention_range=(1.0,)), r"attention_range must be \(low, high\)"),
@@ -489,10 +510,11 @@ def test_cli_end_to_end(tmp_path, tok, text, capsys):
     # the attention factor searched too: the saved config carries the best one, the card says it was searched
     capsys.readouterr()
     assert main([*short, "--budget", "5", "--overwrite", "--search-attention", "--attention-range", "1", "2.5",
-                 "--attention-factor", "2.2"]) == 0
+                 "--attention-factor", "2.2", "--start", "yarn:beta_slow=2"]) == 0
     shown = json.loads(capsys.readouterr().out.split("\nsaved to")[0])
     saved = json.loads((out / "search.json").read_text())
     assert {c["attention"] for c in saved["candidates"]} >= {2.2}
+    np.testing.assert_allclose(saved["seeds"]["start"], _yarn_reference(beta_slow=2.0), rtol=1e-6)
     best = min(saved["candidates"], key=lambda c: (c["score"], c["index"]))
     rp = json.loads((out / "config.json").read_text())["rope_parameters"]
     assert rp["attention_factor"] == saved["attention_factor"] == best["attention"]
@@ -528,7 +550,7 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
              "ppl_beyond": 11.73}]
     search = {"objective": "beyond", "eval_length": 16384, "texts": ["builtin:pydoc@60000"], "evaluations": 3,
               "resumed_evaluations": 0, "seconds": 510.0, "stopped": "budget", "searched_dims": [20, 31],
-              "score": 2.3, "factors": [1.0, 2.0],
+              "score": 2.3, "factors": [1.0, 2.0], "attention_factor": 1.0693,
               "candidates": [{"index": 0, "generation": 0, "origin": "seed:pi", "score": 2.5, "seconds": 140.0},
                              {"index": 1, "generation": 0, "origin": "seed:yarn", "score": 2.4, "seconds": 150.0},
                              {"index": 2, "generation": 1, "origin": "mutation", "score": 2.3, "seconds": 160.0}]}
@@ -543,3 +565,18 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
     assert "3 evaluations in 7.5 min (150 s each" in text and "validation 1.0 min more" in text
     assert "pi 2.5000, yarn 2.4000" in text
     assert "Best candidate: #2 (mutation, generation 1); best candidate the search itself made: 2.3000." in text
+    assert "attention factor 1.0693 (fixed)." in text
+    # vs yarn on both spans and vs the control past 8k: 11.0 / 11.73 - 1 = -6.2 %, 11.0 / 11.41 - 1 = -3.6 %
+    assert "| builtin:pydoc@20000 | longrope (searched) | 10.50 | 11.00 | -6.2 % | -6.2 % | -3.6 % |" in text
+    assert "| builtin:pydoc@20000 | yarn | 11.20 | 11.73 | – | – | +2.8 % |" in text
+
+    # a search of the attention factor too: each seed's and the best factor's attention are reported
+    for c, a in zip(search["candidates"], (1.0693, 1.0377, 1.045), strict=True):
+        c["attention"] = a
+    search["attention_factor"] = 1.045
+    out.write_text(json.dumps({"search": search, "validation": rows}))
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dimensions 20–31 and the attention factor searched" in text
+    assert "pi (attention 1.0693) 2.5000, yarn (attention 1.0377) 2.4000" in text
+    assert "attention factor 1.0450 (searched)." in text

@@ -61,6 +61,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "YaRN's 0.1 ln s + 1 and LongRoPE's sqrt(1 + ln s / ln L)")
     p.add_argument("--attention-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="bounds of a searched attention factor (default: 1 and 1 + 0.2 ln s)")
+    p.add_argument("--start", default=None, metavar="METHOD[:KEY=VALUE...]",
+                   help="one more initial candidate: a rotary method's divisors, e.g. yarn:beta_fast=128")
     p.add_argument("--population-size", type=int, default=8, help="initial population (default 8)")
     p.add_argument("--parents", type=int, default=4, help="top-k parents kept each generation (default 4)")
     p.add_argument("--baseline", action="append", default=[], metavar="METHOD",
@@ -135,7 +137,7 @@ def _search(args: argparse.Namespace) -> int:
         seed=args.seed, validation_texts=validation, validation_baselines=args.baseline,
         proxy_length=args.proxy_length, offset=args.offset, validation_offset=args.validation_offset,
         critical_only=not args.all_dims, attention_factor=args.attention_factor,
-        search_attention=args.search_attention,
+        search_attention=args.search_attention, start_factors=args.start,
         attention_range=tuple(args.attention_range) if args.attention_range is not None else None,
         population_size=args.population_size, parents=args.parents, log_path=out / LOG_FILE, resume=args.resume,
         overwrite=args.overwrite,
