@@ -9,6 +9,11 @@ Usage::
     python benchmarks/bench_search.py --budget 2 --proxy-length 9216 --no-validation --no-control \\
         --out /tmp/search_smoke.json
     python benchmarks/bench_search.py --report-only        # the markdown table from the JSON already written
+    # issue 11's second run: every dimension and the attention factor searched, from a wider YaRN ramp too:
+    python benchmarks/bench_search.py --budget 60 --minutes 60 --all-dims --attention-factor search \
+        --start yarn:beta_fast=128 --controls-from benchmarks/results/search_16k_cpu.json \
+        --out benchmarks/results/search_16k_cpu_attention.json
+    # GPU plan (scripts/gpu_plan.sh search): the same at 32k and 64k (--length; factor = length / 8192)
 
 Stages, each resumable (``--out`` is rewritten after each; the search's own log, ``<out>_log.jsonl``, lets a killed
 search continue without redoing evaluations):
@@ -26,6 +31,8 @@ search continue without redoing evaluations):
    benchmarks/bench_attention.py.
 
 Writes ``benchmarks/results/search_16k_cpu.json`` (with the search's every candidate) and prints a markdown table.
+``--length`` other than 16384 scales everything: the search and validation windows, and the control's buckets up to
+the end of the window (``--device cuda`` for 32k / 64k; the texts must hold the windows, which is checked).
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=40, help="evaluations (default 40)")
     p.add_argument("--minutes", type=float, default=None, help="search time limit in minutes")
-    p.add_argument("--proxy-length", type=int, default=LENGTH, help="search window (default 16384)")
+    p.add_argument("--length", type=int, default=LENGTH,
+                   help="target length (default 16384; factor = length / 8192); validation windows have this length")
+    p.add_argument("--proxy-length", type=int, default=None, help="search window (default: --length)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--objective", choices=["beyond", "window", "needle"], default="beyond")
     p.add_argument("--search-text", default="builtin:pydoc")
     p.add_argument("--search-offset", type=int, default=60000)
@@ -69,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-validation", action="store_true", help="skip stage 2")
     p.add_argument("--no-control", action="store_true", help="skip stage 3")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--out", type=Path, default=RESULTS / "search_16k_cpu.json")
     p.add_argument("--report-only", action="store_true", help="no measurement: print the table from the JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -78,6 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
+
+
+def _k(tokens: int) -> str:
+    return f"{tokens // 1024}k"
+
+
+def _control_ppl(c: dict) -> float:
+    """The control's perplexity past 8k (key ``ppl_8k_16k`` in JSONs written at 16k before ``--length`` existed)."""
+    return c["ppl_beyond"] if "ppl_beyond" in c else c["ppl_8k_16k"]
 
 
 def _at(candidate: dict) -> str:
@@ -114,20 +133,23 @@ def report(state: dict) -> str:
     rows = state.get("validation") or []
     control = state.get("control") or {}
     if rows or control:
-        lines += ["| text (16384 tokens) | method | PPL 0–16k | PPL 8k–16k | vs yarn (0–16k) | vs yarn (8k–16k) "
-                  "| vs control (8k–16k) |", "|---|---|---:|---:|---:|---:|---:|"]
+        n = (state.get("meta") or {}).get("length", LENGTH)
+        whole, past = f"0–{_k(n)}", f"{_k(ORIGINAL)}–{_k(n)}"
+        lines += [f"| text ({n} tokens) | method | PPL {whole} | PPL {past} | vs yarn ({whole}) | vs yarn ({past}) "
+                  f"| vs control ({past}) |", "|---|---|---:|---:|---:|---:|---:|"]
         yarn = {r["text"]: r for r in rows if r["method"] == "yarn"}
 
         def vs(a, b, same=False) -> str:
             return "–" if a is None or b is None or same else f"{100 * (a / b - 1):+.1f} %"
 
         for r in rows:
-            base, c = yarn.get(r["text"]), control.get(r["text"], {}).get("ppl_8k_16k")
+            base = yarn.get(r["text"])
+            c = _control_ppl(control[r["text"]]) if r["text"] in control else None
             lines.append(f"| {r['text']} | {r['method']} | {fmt(r['ppl_window'])} | {fmt(r['ppl_beyond'])} | "
                          f"{vs(r['ppl_window'], base and base['ppl_window'], r is base)} | "
                          f"{vs(r['ppl_beyond'], base and base['ppl_beyond'], r is base)} | {vs(r['ppl_beyond'], c)} |")
         for text, c in control.items():
-            lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(c['ppl_8k_16k'])} | – | – | – |")
+            lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(_control_ppl(c))} | – | – | – |")
     return "\n".join(lines)
 
 
@@ -150,32 +172,40 @@ def main(argv: list[str] | None = None) -> int:
     from hf_rope_ext.methods._rope_base import yarn_attention_factor
 
     def save() -> None:
-        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": LENGTH,
-                         "factor": LENGTH / ORIGINAL, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": args.length,
+                         "factor": factor, "device": args.device, "dtype": args.dtype,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else argv,
                          "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(state, indent=1))
 
-    factor = LENGTH / ORIGINAL
+    if args.length <= ORIGINAL:
+        raise SystemExit(f"--length must exceed the original {ORIGINAL} tokens, got {args.length}")
+    factor = args.length / ORIGINAL
+    proxy = args.proxy_length or args.length
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else None)
     attention = {"longrope": None, "search": None, "yarn": yarn_attention_factor(factor)}.get(args.attention_factor)
     if attention is None and args.attention_factor not in ("longrope", "search"):
         attention = float(args.attention_factor)
-    model, tok = load_model("smollm2", dtype=args.dtype)
+    model, tok = load_model("smollm2", dtype=args.dtype, device=args.device)
     model.eval()
-    search_ids = tokenize(tok, load_text(args.search_text))
+    # ~4 characters per token in both texts; 8 per token leaves room (pydoc is shorter than that: all of it)
+    search_ids = tokenize(tok, load_text(args.search_text).text[: 8 * (args.search_offset + proxy)])
     validation = []
     for source, offset in ([] if args.no_validation else VALIDATION):
         text = load_text(source).text
-        ids = tokenize(tok, text if source != "builtin:stdlib" else text[:400_000])  # stdlib: only its start is needed
-        validation.append((f"{source}@{offset}", ids[offset : offset + LENGTH]))
+        ids = tokenize(tok, text[: max(400_000, 8 * (offset + args.length))])  # stdlib: only its start is needed
+        if ids.numel() < offset + args.length:
+            raise SystemExit(f"{source} has {ids.numel()} tokens: no {args.length}-token window from {offset}")
+        validation.append((f"{source}@{offset}", ids[offset : offset + args.length]))
 
     log = args.out.with_name(args.out.stem + "_log.jsonl")
     t0 = time.perf_counter()
     result = search_rope_factors(
-        model, tok, factor, [search_ids[args.search_offset : args.search_offset + args.proxy_length]],
+        model, tok, factor, [search_ids[args.search_offset : args.search_offset + proxy]],
         budget=args.budget, max_minutes=args.minutes, objective=args.objective, seed=args.seed,
-        proxy_length=args.proxy_length, critical_only=not args.all_dims, attention_factor=attention,
+        proxy_length=proxy, critical_only=not args.all_dims, attention_factor=attention,
         search_attention=args.attention_factor == "search", start_factors=args.start,
         validation_texts=[ids for _, ids in validation], validation_baselines=["yarn"] if validation else [],
         log_path=log, resume=log.exists(), progress=not args.no_progress,
@@ -193,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.controls_from is not None and not args.no_control:
         other = json.loads(args.controls_from.read_text())
         names = {n for n, _ in validation}
-        if other.get("meta", {}).get("length") != LENGTH or not set(other.get("control", {})) >= names:
+        if other.get("meta", {}).get("length") != args.length or not set(other.get("control", {})) >= names:
             raise SystemExit(f"--controls-from {args.controls_from}: no control for the same validation windows")
         state["control"] = {n: other["control"][n] for n, _ in validation}
         state["control_copied_from"] = str(args.controls_from)
@@ -204,15 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             if name in control:
                 continue
             buckets = []
-            for start in range(ORIGINAL, LENGTH, 2048):
+            for start in range(ORIGINAL, args.length, 2048):
                 piece = window[start + 2048 - ORIGINAL : start + 2048][None]  # the 8192 tokens ending with the bucket
                 with torch.inference_mode():
                     nll = token_nll(model, piece, first_scored=ORIGINAL - 2048)[0, ORIGINAL - 2048 :]
                 buckets.append({"start": start, "tokens": int(nll.numel()), "nll": float(nll.double().mean())})
             tokens = sum(b["tokens"] for b in buckets)
-            control[name] = {"ppl_8k_16k": math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / tokens),
+            control[name] = {"ppl_beyond": math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / tokens),
                              "buckets": [{**b, "perplexity": math.exp(b["nll"])} for b in buckets]}
-            print(f"[control] {name}: {control[name]['ppl_8k_16k']:.2f}", flush=True)
+            print(f"[control] {name}: {control[name]['ppl_beyond']:.2f}", flush=True)
             save()
     print(report(state))
     return 0
