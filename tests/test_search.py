@@ -580,3 +580,13 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
     assert "dimensions 20–31 and the attention factor searched" in text
     assert "pi (attention 1.0693) 2.5000, yarn (attention 1.0377) 2.4000" in text
     assert "attention factor 1.0450 (searched)." in text
+
+    # a 32k run (GPU plan): the spans follow the length, the control is read from ppl_beyond
+    for r in rows:
+        r["length"] = 32768
+    out.write_text(json.dumps({"search": search, "validation": rows, "meta": {"length": 32768},
+                               "control": {"builtin:pydoc@20000": {"ppl_beyond": 12.0}}}))
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| text (32768 tokens) | method | PPL 0–32k | PPL 8k–32k | vs yarn (0–32k) |" in text
+    assert "| builtin:pydoc@20000 | longrope (searched) | 10.50 | 11.00 | -6.2 % | -6.2 % | -8.3 % |" in text
