@@ -369,7 +369,10 @@ def plot_search(result: Any, path: str | Path, *, title: str | None = None) -> P
     fig, (top, bottom) = _figure(9.0, 7.5, 2, 1)
     for name, style in (("pi", ":"), ("ntk", "--"), ("yarn", "-.")):
         top.plot(dims, seeds[name], linestyle=style, label={"pi": "PI (linear)", "ntk": "NTK", "yarn": "YaRN"}[name])
-    top.plot(dims, data["factors"], color="black", marker="o", markersize=3, linewidth=2, label="searched (best)")
+    searched_attention = (data.get("settings") or {}).get("search_attention")
+    label = (f"searched (best; attention factor {float(data['attention_factor']):.4f}, searched)"
+             if searched_attention else "searched (best)")
+    top.plot(dims, data["factors"], color="black", marker="o", markersize=3, linewidth=2, label=label)
     searched = data.get("searched_dims") or []
     if searched and len(searched) < len(dims):
         top.axvspan(searched[0] - 0.5, searched[-1] + 0.5, color="orange", alpha=0.1, linewidth=0,
