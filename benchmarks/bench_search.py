@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-validation", action="store_true", help="skip stage 2")
     p.add_argument("--no-control", action="store_true", help="skip stage 3")
+    p.add_argument("--passkey-only", action="store_true",
+                   help="only stage 4, for the search already in --out (no search, validation or control)")
+    p.add_argument("--passkey", action="store_true",
+                   help="stage 4: passkey at the target length with the best factors (the prompts of "
+                        "bench_attention.py / bench_finetune_smollm2.py: depths 0.1-0.9, 2 keys each; resumable)")
     p.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--out", type=Path, default=RESULTS / "search_16k_cpu.json")
     p.add_argument("--report-only", action="store_true", help="no measurement: print the table from the JSON")
@@ -150,6 +155,15 @@ def report(state: dict) -> str:
                          f"{vs(r['ppl_beyond'], base and base['ppl_beyond'], r is base)} | {vs(r['ppl_beyond'], c)} |")
         for text, c in control.items():
             lines.append(f"| {text} | none, 8k sliding window (control) | – | {fmt(_control_ppl(c))} | – | – | – |")
+    passkey = state.get("passkey") or {}
+    if passkey:
+        lines += ["", "| passkey, searched factors: depth | keys correct | answers (expected->generated) |",
+                  "|---|---|---|"]
+        for key, cell in passkey.items():
+            lines.append(f"| {key.split('|')[1]} | {cell['correct']}/{cell['total']} | {', '.join(cell['outputs'])} |")
+        n = (state.get("meta") or {}).get("length", LENGTH)
+        lines += ["", f"Passkey at {n // 1024}k, searched factors: {sum(c['correct'] for c in passkey.values())}/"
+                      f"{sum(c['total'] for c in passkey.values())} keys over all depths"]
     return "\n".join(lines)
 
 
@@ -172,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     from hf_rope_ext.methods._rope_base import yarn_attention_factor
 
     def save() -> None:
+        if args.passkey_only:  # the search's meta stays; this stage records its own command
+            state["passkey_command"] = "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else argv
+            args.out.write_text(json.dumps(state, indent=1))
+            return
         state["meta"] = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "length": args.length,
                          "factor": factor, "device": args.device, "dtype": args.dtype,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -183,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.length <= ORIGINAL:
         raise SystemExit(f"--length must exceed the original {ORIGINAL} tokens, got {args.length}")
     factor = args.length / ORIGINAL
+    if args.passkey_only:
+        if "search" not in state:
+            raise SystemExit(f"--passkey-only: no search in {args.out}; run the search first")
+        args.passkey, args.no_control, args.no_validation = True, True, True
     proxy = args.proxy_length or args.length
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else None)
     attention = {"longrope": None, "search": None, "yarn": yarn_attention_factor(factor)}.get(args.attention_factor)
@@ -200,25 +222,26 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{source} has {ids.numel()} tokens: no {args.length}-token window from {offset}")
         validation.append((f"{source}@{offset}", ids[offset : offset + args.length]))
 
-    log = args.out.with_name(args.out.stem + "_log.jsonl")
-    t0 = time.perf_counter()
-    result = search_rope_factors(
-        model, tok, factor, [search_ids[args.search_offset : args.search_offset + proxy]],
-        budget=args.budget, max_minutes=args.minutes, objective=args.objective, seed=args.seed,
-        proxy_length=proxy, critical_only=not args.all_dims, attention_factor=attention,
-        search_attention=args.attention_factor == "search", start_factors=args.start,
-        validation_texts=[ids for _, ids in validation], validation_baselines=["yarn"] if validation else [],
-        log_path=log, resume=log.exists(), progress=not args.no_progress,
-    )
-    names = {f"validation_texts[{i}]": name for i, (name, _) in enumerate(validation)}
-    for r in result.validation:
-        r["text"] = names.get(r["text"], r["text"])
-    data = result.to_dict()
-    data["texts"] = [f"{args.search_text}@{args.search_offset}"]
-    state["search"] = data
-    state["validation"] = result.validation
-    print(f"search + validation: {time.perf_counter() - t0:.0f} s; best NLL {result.score:.4f}", flush=True)
-    save()
+    if not args.passkey_only:  # stages 1 and 2
+        log = args.out.with_name(args.out.stem + "_log.jsonl")
+        t0 = time.perf_counter()
+        result = search_rope_factors(
+            model, tok, factor, [search_ids[args.search_offset : args.search_offset + proxy]],
+            budget=args.budget, max_minutes=args.minutes, objective=args.objective, seed=args.seed,
+            proxy_length=proxy, critical_only=not args.all_dims, attention_factor=attention,
+            search_attention=args.attention_factor == "search", start_factors=args.start,
+            validation_texts=[ids for _, ids in validation], validation_baselines=["yarn"] if validation else [],
+            log_path=log, resume=log.exists(), progress=not args.no_progress,
+        )
+        names = {f"validation_texts[{i}]": name for i, (name, _) in enumerate(validation)}
+        for r in result.validation:
+            r["text"] = names.get(r["text"], r["text"])
+        data = result.to_dict()
+        data["texts"] = [f"{args.search_text}@{args.search_offset}"]
+        state["search"] = data
+        state["validation"] = result.validation
+        print(f"search + validation: {time.perf_counter() - t0:.0f} s; best NLL {result.score:.4f}", flush=True)
+        save()
 
     if args.controls_from is not None and not args.no_control:
         other = json.loads(args.controls_from.read_text())
@@ -244,6 +267,28 @@ def main(argv: list[str] | None = None) -> int:
                              "buckets": [{**b, "perplexity": math.exp(b["nll"])} for b in buckets]}
             print(f"[control] {name}: {control[name]['ppl_beyond']:.2f}", flush=True)
             save()
+    if args.passkey:
+        from hf_rope_ext import apply_search_result
+        from hf_rope_ext.eval import passkey_accuracy
+        from hf_rope_ext.patching import unpatch_model
+        from hf_rope_ext.search import SearchResult
+
+        apply_search_result(model, SearchResult.from_dict(state["search"]))
+        cells = state.setdefault("passkey", {})
+        for depth in (0.1, 0.3, 0.5, 0.7, 0.9):
+            key = f"longrope (searched)|{depth}"
+            if key in cells:
+                continue
+            with torch.inference_mode():  # the same prompts as bench_attention.py's --passkey (one call per depth)
+                rep = passkey_accuracy(model, tok, [args.length], [depth], trials=2, max_new_tokens=8,
+                                       model_name="smollm2", progress=False)
+            trials = rep.to_dict()["trials"]
+            cells[key] = {"correct": sum(t["correct"] for t in trials), "total": len(trials),
+                          "outputs": [f"{t['answer']}->{t['output'].strip()!r}" for t in trials],
+                          "seconds": rep.seconds}
+            save()
+            print(f"[passkey] {key}: {cells[key]['correct']}/{len(trials)} {cells[key]['outputs']}", flush=True)
+        unpatch_model(model)
     print(report(state))
     return 0
 

@@ -581,6 +581,14 @@ def test_benchmark_report_is_generated_from_its_json(tmp_path, capsys):
     assert "pi (attention 1.0693) 2.5000, yarn (attention 1.0377) 2.4000" in text
     assert "attention factor 1.0450 (searched)." in text
 
+    # stage 4: passkey cells of the searched factors, summed over depths
+    passkey = {"longrope (searched)|0.1": {"correct": 2, "total": 2, "outputs": ["1->'1.'", "2->'2.'"]},
+               "longrope (searched)|0.5": {"correct": 1, "total": 2, "outputs": ["3->'3.'", "4->'x'"]}}
+    out.write_text(json.dumps({"search": search, "validation": rows, "passkey": passkey}))
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 0.5 | 1/2 | 3->'3.', 4->'x' |" in text and "Passkey at 16k, searched factors: 3/4 keys" in text
+
     # a 32k run (GPU plan): the spans follow the length, the control is read from ppl_beyond
     for r in rows:
         r["length"] = 32768
