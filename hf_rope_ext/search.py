@@ -206,16 +206,11 @@ class _Space:
         """Indices a move may change: the searched dimensions, then the attention factor when it is searched."""
         return self.searched + ([self.n] if self.attention is not None else [])
 
-    def project(self, factors: np.ndarray, attention: float | None = None) -> np.ndarray:
-        """Fixed dimensions from ``fixed``, bounds [1, upper], then a running maximum (non-decreasing); with the
-        attention factor searched, ``attention`` (clipped to its bounds) is appended."""
+    def project(self, factors: np.ndarray) -> np.ndarray:
+        """Fixed dimensions from ``fixed``, bounds [1, upper], then a running maximum (non-decreasing)."""
         out = self.fixed.copy()
         out[self.searched] = np.asarray(factors, dtype=np.float64)[self.searched]
-        out = np.maximum.accumulate(np.clip(out, 1.0, self.upper))
-        if self.attention is None:
-            return out
-        low, high = self.attention[:2]
-        return np.append(out, min(max(float(attention), low), high))
+        return np.maximum.accumulate(np.clip(out, 1.0, self.upper))
 
     def valid(self, vector: np.ndarray) -> bool:
         factors = vector[: self.n]
@@ -666,7 +661,7 @@ def search_rope_factors(
     fixed = np.maximum.accumulate(np.clip(fixed, 1.0, upper))
     rng = np.random.default_rng(seed)
     space = _Space(fixed, searched, upper, step, rng, mutation_prob, attention=attention_space)
-    seeds = {name: space.project(values, resolved_attention)[:n_half] for name, values in seeds_raw.items()}
+    seeds = {name: space.project(values) for name, values in seeds_raw.items()}
 
     header = {
         "factor": factor, "objective": objective, "seed": seed, "original_length": original, "target_length": target,
